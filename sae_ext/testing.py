@@ -1,0 +1,74 @@
+"""Small, offline fixtures shared by the tests, tutorials and benchmarks.
+
+A tiny ``HookedTransformer`` built from a config (random weights, no download) and a
+token dataset, so anything that needs "a model" runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from datasets import Dataset
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainingSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+
+def tiny_hooked_transformer(
+    d_model: int = 32,
+    n_layers: int = 2,
+    d_vocab: int = 97,
+    n_ctx: int = 32,
+    seed: int = 0,
+    cls: type[HookedTransformer] = HookedTransformer,
+) -> HookedTransformer:
+    """A randomly initialised attention+MLP transformer (no tokenizer).
+
+    Pass ``cls=HookedSAETransformer`` to get one that SAEs can be spliced into.
+    """
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        d_head=8,
+        n_heads=d_model // 8,
+        d_mlp=4 * d_model,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        device="cpu",
+    )
+    model = cls(cfg)
+    model.eval()
+    return model
+
+
+def random_token_dataset(
+    n_rows: int = 64, context_size: int = 16, d_vocab: int = 97, seed: int = 0
+) -> Dataset:
+    """A pretokenized ``datasets.Dataset`` with an ``input_ids`` column of random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, d_vocab, (n_rows, context_size), generator=g)
+    return Dataset.from_dict({"input_ids": toks.tolist()})
+
+
+#: Sparsity settings small enough for d_sae = 4 * d_in test SAEs, applied by field name.
+_SMALL_DEFAULTS: dict[str, Any] = {"k": 4}
+
+
+def small_training_config(
+    architecture: str, d_in: int = 32, d_sae: int = 128, **overrides: Any
+) -> TrainingSAEConfig:
+    """The registered training config of ``architecture`` at a small width.
+
+    Only fields the config actually has are set (``k`` for the TopK family); everything
+    else keeps the architecture's own defaults, so the defaults themselves are tested.
+    """
+    cfg_cls = get_sae_training_class(architecture)[1]
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    kwargs = {k: v for k, v in _SMALL_DEFAULTS.items() if k in names}
+    kwargs.update(overrides)
+    return cfg_cls(d_in=d_in, d_sae=d_sae, **kwargs)
