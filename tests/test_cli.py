@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+from sae_ext.cli import main
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_TRAINING_CLASS_REGISTRY))
+def test_train_help_works_for_every_registered_architecture(arch: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--architecture", arch, "--help"])
+    assert exit_.value.code == 0
+    assert "--architecture" in capsys.readouterr().out
+
+
+def test_python_dash_m_is_the_cli() -> None:
+    out = subprocess.run([sys.executable, "-m", "sae_ext", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "train" in out.stdout
+
+
+def test_demo_on_a_tiny_budget_writes_the_report(tmp_path: Path, capsys) -> None:
+    args = ["demo", "--capture-tokens", "1024", "--tokens", "2048", "--width", "64", "--k", "8",
+            "--eval-batches", "1", "--batch-size", "256", "--out", str(tmp_path)]
+    main(args)
+    report = json.loads((tmp_path / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert {"gated@2H", "batchtopk"} <= set(names)
+    for row in report["rows"]:
+        assert 0 <= row["dead_fraction"] <= 1
+        assert row["ce_sae"] > 0 and row["ce_clean"] > 0
+    assert (tmp_path / "report.md").read_text().count("|") > 20
+    assert (tmp_path / "r2_vs_l0.png").stat().st_size > 1000
+    assert "CE without SAE" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_arguments_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--width"):
+        main(["demo", "--width", "0", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="unknown demo entries"):
+        main(["demo", "--only", "nope", "--out", str(tmp_path / "o")])
