@@ -8,7 +8,6 @@ training is ``LanguageModelSAETrainingRunner``. There is no second training loop
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import shutil
@@ -31,25 +30,13 @@ from sae_lens.cache_activations_runner import CacheActivationsRunner, _mk_activa
 CACHE_INFO = "sae_ext_cache.json"
 
 
-def valid_hook_names(model: Any) -> list[str]:
-    """Hook names a model accepts: its hook points plus, on a TransformerBridge, the
-    HookedTransformer-style aliases (``blocks.15.hook_mlp_out`` -> ``blocks.15.mlp.hook_out``)."""
-    names = set(model.hook_dict)
-    names |= set(getattr(model, "hook_aliases", None) or {})
-    collect = getattr(model, "_collect_hook_aliases_from_registry", None)
-    if callable(collect):
-        names |= set(collect())
-    return sorted(names)
-
-
 def check_hook_name(model: Any, hook_name: str) -> str:
-    """Return ``hook_name`` if the model has it, else raise listing the closest valid names."""
-    names = valid_hook_names(model)
-    if hook_name in names:
-        return hook_name
-    close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.5)
-    hint = f" Closest valid names: {', '.join(close)}." if close else ""
-    raise ValueError(f"Unknown hook name {hook_name!r} for this model ({len(names)} hooks).{hint}")
+    """Return ``hook_name`` if the model accepts it (bridge aliases included), else raise a
+    ``ValueError`` listing the closest valid names."""
+    from sae_ext.splicing import resolve_hook_name
+
+    resolve_hook_name(model, hook_name)
+    return hook_name
 
 
 def hook_width(model: Any, hook_name: str, context_size: int = 4) -> int:

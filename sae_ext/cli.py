@@ -1,5 +1,5 @@
-"""The ``sae-ext`` command line: ``demo``, ``train`` (SAELens's CLI with the plugin registered),
-and ``eval``."""
+"""The ``sae-ext`` command line: ``demo`` (the main job), ``train`` (SAELens's training CLI with
+the plugin architectures registered) and ``eval`` (evaluate a saved SAE)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ def _train(argv: Sequence[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sae_ext.demo import add_demo_arguments
+    from sae_ext.evaluate import add_eval_arguments
 
     parser = argparse.ArgumentParser(prog="sae-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_arguments(sub.add_parser("demo", help="the main job on the embedded model and text"))
+    add_eval_arguments(sub.add_parser("eval", help="evaluate a saved SAE: run_evals, dark matter, dictionary stats, error nodes"))
     sub.add_parser("train", help="SAELens training CLI (all SAELens flags) with sae_ext architectures", add_help=False)
     return parser
 
@@ -43,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_ext.demo import run_demo
 
         run_demo(args)
+    elif args.command == "eval":
+        from sae_ext.evaluate import run_eval_command
+
+        return run_eval_command(args)
     return 0
 
 

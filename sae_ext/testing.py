@@ -72,3 +72,37 @@ def small_training_config(
     kwargs = {k: v for k, v in _SMALL_DEFAULTS.items() if k in names}
     kwargs.update(overrides)
     return cfg_cls(d_in=d_in, d_sae=d_sae, **kwargs)
+
+
+def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: int = 0) -> Any:
+    """A randomly initialised GPT-2 booted as an ``SAETransformerBridge`` (TransformerBridge), offline.
+
+    The tokenizer is an in-memory WordLevel tokenizer (``t1 t2 …``); ``name_or_path`` and
+    ``add_bos_token=True`` stop TransformerLens from re-loading the tokenizer by name (a download).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from sae_ext.models import SAEBridge
+
+    vocab = {"<bos>": 0, **{f"t{i}": i for i in range(1, d_vocab)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        pad_token="<bos>",
+        unk_token="t1",
+        name_or_path="tiny-wordlevel",
+        add_bos_token=True,
+    )
+    cfg = GPT2Config(
+        vocab_size=d_vocab, n_positions=32, n_embd=d_model, n_layer=n_layers, n_head=4,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(cfg).eval()
+    bridge = SAEBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
+    bridge.eval()
+    return bridge

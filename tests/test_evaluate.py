@@ -1,0 +1,174 @@
+"""``evaluate_sae`` end to end on a tiny model and tiny SAEs, and the ``sae-ext eval`` entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig
+from sae_lens.registry import get_sae_class
+from transformer_lens.hook_points import HookPoint
+
+from sae_ext.evaluate import add_eval_arguments, evaluate_sae, run_eval_command
+from sae_ext.testing import random_token_dataset, tiny_hooked_transformer
+
+HOOK = "blocks.0.hook_resid_post"
+N_TOKENS = 96  # 6 rows of 16
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedSAETransformer:
+    return tiny_hooked_transformer(cls=HookedSAETransformer)  # type: ignore[return-value]
+
+
+def _sae(seed: int = 0) -> StandardSAE:
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+    sae.cfg.metadata.hook_name = HOOK
+    sae.cfg.metadata.context_size = 16
+    return sae
+
+
+class _ScaffoldStandIn(StandardSAE):
+    """A built-in SAE with a ``hook_scaffold`` on its decoder bias path."""
+
+    def __init__(self, cfg: StandardSAEConfig) -> None:
+        super().__init__(cfg)
+        self.hook_scaffold = HookPoint()
+        self.setup()
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        s = self.hook_scaffold(self.b_dec.expand(*feature_acts.shape[:-1], -1))
+        return self.hook_sae_recons(feature_acts @ self.W_dec + s)
+
+
+def test_evaluate_sae_writes_json_and_markdown(model, tmp_path):
+    out = tmp_path / "eval"
+    res = evaluate_sae(
+        _sae(), model, random_token_dataset(), n_tokens=N_TOKENS, out_dir=out, progress=False
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "firing_rate_hist.png"]
+    on_disk = json.loads((out / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert on_disk == res
+    assert res["n_tokens"] == N_TOKENS and res["sae"]["hook_name"] == HOOK
+    for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0"):
+        assert isinstance(res["run_evals"][key], float)
+    dm = res["dark_matter"]
+    assert dm["n_train"] + dm["n_test"] == N_TOKENS
+    assert res["dictionary"]["n_tokens"] == N_TOKENS
+    # L0 from our own counters agrees with SAELens's run_evals on the same tokens
+    assert res["dictionary"]["l0"] == pytest.approx(res["run_evals"]["l0"], rel=1e-5)
+    zero = res["error_node_ablation"]["zero"]
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_clean"], abs=1e-5)
+    assert zero["ce_ablated"] == pytest.approx(zero["ce_sae"], abs=1e-6)
+    assert res["dark_matter_ce"]["ce_sae"] == pytest.approx(zero["ce_sae"], abs=1e-6)
+    assert res["error_node_ablation"]["mean"]["mode"] == "mean"
+    assert res["scaffold"] is None
+    md = (out / "eval.md").read_text()
+    assert "## Dark matter" in md and "## Error-node ablation" in md and "Scaffold" not in md
+    assert (out / "firing_rate_hist.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_sae_scaffold_section(model, tmp_path):
+    torch.manual_seed(0)
+    sae = _ScaffoldStandIn(StandardSAEConfig(d_in=32, d_sae=64))
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(32))
+    sae.cfg.metadata.hook_name = HOOK
+    res = evaluate_sae(
+        sae,
+        model,
+        random_token_dataset(),
+        n_tokens=N_TOKENS,
+        pca_rank=2,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    sc = res["scaffold"]
+    assert sc["pca_rank"] == 2
+    assert sc["ablation"]["sae_hook"] == "hook_scaffold"
+    assert sc["pca_removal"]["rank"] == 2
+    assert sc["ablation"]["ce_ablated"] != pytest.approx(sc["ablation"]["ce_clean"], abs=1e-4)
+    assert "Scaffold ablation vs top-r PCA removal" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sign_aware_gated"])
+def test_evaluate_registered_plugin_sae(model, arch):
+    """The plugin architectures, at their default configs and random weights."""
+    try:
+        sae_cls, cfg_cls = get_sae_class(arch)
+    except (KeyError, ValueError):
+        pytest.skip(f"{arch} is not registered")
+    torch.manual_seed(0)
+    sae = sae_cls(cfg_cls(d_in=32, d_sae=64))
+    sae.cfg.metadata.hook_name = HOOK
+    res = evaluate_sae(sae, model, random_token_dataset(), n_tokens=N_TOKENS, progress=False)
+    zero = res["error_node_ablation"]["zero"]
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_clean"], abs=1e-5)
+    assert zero["ce_ablated"] == pytest.approx(zero["ce_sae"], abs=1e-6)
+    if arch == "scaffold_jumprelu":
+        assert res["scaffold"]["pca_rank"] == sae.cfg.scaffold_rank
+    if arch == "sasa":
+        assert res["dictionary"]["groups"]["group_rank"] == sae.cfg.group_rank
+
+
+def test_evaluate_validates_before_writing(model, tmp_path):
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        evaluate_sae(
+            _sae(), model, random_token_dataset(), n_tokens=N_TOKENS, out_dir=a_file, progress=False
+        )
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"asked for n_tokens = 2000 but the data hold only 1024"):
+        evaluate_sae(
+            _sae(), model, random_token_dataset(), n_tokens=2000, out_dir=out, progress=False
+        )
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.9.hook_resid_post'"):
+        evaluate_sae(
+            _sae(),
+            model,
+            random_token_dataset(),
+            n_tokens=N_TOKENS,
+            hook_name="blocks.9.hook_resid_post",
+            out_dir=out,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="n_tokens must be an integer >= 2"):
+        evaluate_sae(_sae(), model, random_token_dataset(), n_tokens=0, out_dir=out, progress=False)
+    assert not out.exists()
+
+
+def test_cli_entry_points(model, tmp_path, monkeypatch):
+    sae_dir = tmp_path / "sae"
+    _sae().save_model(sae_dir)
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(sae_dir), "--tokens", str(N_TOKENS), "--batch-size", "3"])
+    assert args.out is None and args.hook is None
+
+    calls: dict[str, object] = {}
+
+    def fake_dataset(tokenizer, context_size, n_tokens=None, split="train"):
+        calls.update(context_size=context_size, n_tokens=n_tokens, split=split)
+        return random_token_dataset(n_rows=8, context_size=context_size)
+
+    monkeypatch.setattr("sae_ext.models.load_default_model", lambda: model)
+    monkeypatch.setattr("sae_ext.data.default_token_dataset", fake_dataset)
+    assert run_eval_command(args) == 0
+    assert calls == {"context_size": 16, "n_tokens": N_TOKENS, "split": "eval"}
+    res = json.loads((sae_dir / "eval" / "eval.json").read_text())
+    assert res["n_tokens"] == N_TOKENS and res["sae"]["architecture"] == "standard"
+
+    with pytest.raises(ValueError, match="is not a saved SAE folder"):
+        run_eval_command(parser.parse_args([str(tmp_path / "missing")]))
+    with pytest.raises(ValueError, match="--tokens must be >= 2"):
+        run_eval_command(parser.parse_args([str(sae_dir), "--tokens", "1"]))
+
+
+def test_out_dir_default_is_inside_sae_dir():
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["some/sae", "--out", "x", "--hook", HOOK])
+    assert args.out == Path("x") and args.hook == HOOK and args.tokens > 0
