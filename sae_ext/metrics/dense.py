@@ -1,0 +1,160 @@
+"""Dense-latent counts and top-PCA subspace helpers (SPEC §2, §6).
+
+A latent is *dense* when it fires on more than 10 % of tokens: SAEBench's
+``freq_over_10_percent``. The scaffolded-SAE paper (Deng et al., arXiv 2606.14040) reports
+that a rank-r scaffold removes up to 84 % of such latents at matched sparsity; these
+functions are what that claim is measured with. The PCA helpers serve the paper's other
+comparison: removing the top-r principal directions of the activations versus zeroing the
+learned scaffold.
+
+All functions are pure: they read their arguments and return new tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: SAEBench's density threshold: a latent firing on more than this fraction of tokens is dense.
+DENSE_THRESHOLD = 0.1
+
+
+def firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
+    """Per-latent number of tokens on which the latent is non-zero.
+
+    ``feature_acts`` is ``[..., d_sae]`` (dense or sparse COO); every leading index is a token.
+    Returns a float64 ``[d_sae]`` tensor (float64 so that long windows add up exactly).
+    """
+    if feature_acts.dim() < 1:
+        raise ValueError(
+            f"feature_acts must have at least 1 dimension [..., d_sae]; got shape {tuple(feature_acts.shape)}"
+        )
+    if feature_acts.is_sparse:
+        feature_acts = feature_acts.to_dense()
+    fired = (feature_acts != 0).reshape(-1, feature_acts.shape[-1])
+    return fired.sum(0, dtype=torch.float64)
+
+
+def _check_counts(firing_counts: torch.Tensor, n_tokens: float) -> None:
+    if firing_counts.dim() != 1:
+        raise ValueError(
+            f"firing_counts must be 1-D [d_sae]; got shape {tuple(firing_counts.shape)}"
+        )
+    if not (isinstance(n_tokens, (int, float)) and math.isfinite(n_tokens) and n_tokens > 0):
+        raise ValueError(f"n_tokens must be a finite number > 0; got {n_tokens!r}")
+    if firing_counts.numel() and (firing_counts.min() < 0 or firing_counts.max() > n_tokens):
+        raise ValueError(
+            "firing_counts must lie in [0, n_tokens] = "
+            f"[0, {n_tokens}]; got values in [{firing_counts.min().item()}, {firing_counts.max().item()}]"
+        )
+
+
+def _check_threshold(threshold: float) -> None:
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise ValueError(f"threshold must be a firing rate in [0, 1); got {threshold!r}")
+
+
+def firing_rates(firing_counts: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    """Fraction of tokens each latent fires on: ``firing_counts / n_tokens`` (float64)."""
+    _check_counts(firing_counts, n_tokens)
+    return firing_counts.to(torch.float64) / float(n_tokens)
+
+
+def dense_mask(
+    firing_counts: torch.Tensor, n_tokens: float, threshold: float = DENSE_THRESHOLD
+) -> torch.Tensor:
+    """Boolean ``[d_sae]``: latents whose firing rate is strictly above ``threshold``."""
+    _check_threshold(threshold)
+    return firing_rates(firing_counts, n_tokens) > threshold
+
+
+def dense_count(
+    firing_counts: torch.Tensor, n_tokens: float, threshold: float = DENSE_THRESHOLD
+) -> int:
+    """Number of dense latents (firing on more than ``threshold`` of ``n_tokens`` tokens)."""
+    return int(dense_mask(firing_counts, n_tokens, threshold).sum().item())
+
+
+def dense_fraction(
+    firing_counts: torch.Tensor, n_tokens: float, threshold: float = DENSE_THRESHOLD
+) -> float:
+    """Fraction of latents that are dense (SAEBench ``freq_over_10_percent`` at the default).
+
+    ``firing_counts[i]`` is how many of the ``n_tokens`` tokens latent ``i`` fired on.
+    """
+    mask = dense_mask(firing_counts, n_tokens, threshold)
+    if mask.numel() == 0:
+        raise ValueError("firing_counts is empty: there are no latents to take a fraction of")
+    return mask.double().mean().item()
+
+
+def pca_directions(acts: torch.Tensor, r: int) -> torch.Tensor:
+    """Top-``r`` principal directions of ``acts`` ``[n, d]`` (centred), as ``[d, r]`` columns.
+
+    Columns are orthonormal and sorted by decreasing variance. Computed in float64 from the
+    ``d × d`` covariance (so ``r`` may exceed ``n``); each column's sign is fixed so that its
+    largest-magnitude entry is positive, which makes the result deterministic. Returned in
+    the dtype of ``acts``.
+    """
+    if acts.dim() != 2:
+        raise ValueError(f"acts must be 2-D [n, d]; got shape {tuple(acts.shape)}")
+    n, d = acts.shape
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
+        raise ValueError(f"r must be an integer in [1, d] = [1, {d}]; got {r!r}")
+    if n < 2:
+        raise ValueError(f"need at least 2 rows of acts to centre them; got n = {n}")
+    x = acts.detach().to(torch.float64)
+    x = x - x.mean(0, keepdim=True)
+    cov = x.T @ x / (n - 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    top = vecs[:, -r:].flip(-1)
+    idx = top.abs().argmax(0)
+    signs = torch.sign(top[idx, torch.arange(r)])
+    signs[signs == 0] = 1.0
+    return (top * signs).to(acts.dtype)
+
+
+def _check_basis(basis: torch.Tensor, d: int) -> None:
+    if basis.dim() != 2 or basis.shape[0] != d:
+        raise ValueError(
+            f"basis must be [d, r] = [{d}, r] with orthonormal columns; got shape {tuple(basis.shape)}"
+        )
+
+
+def remove_top_pca_directions(
+    acts: torch.Tensor, basis: torch.Tensor, center: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Remove the span of ``basis`` ``[d, r]`` (orthonormal columns) from ``acts`` ``[..., d]``.
+
+    ``center=None`` projects out: ``x − (x B) Bᵀ``. With ``center`` = the activation mean,
+    the component along ``B`` is replaced by the mean's (mean-ablation):
+    ``x − ((x − c) B) Bᵀ``. Used for the paper's comparison of zeroing the scaffold with
+    removing the geometrically similar top-r PCA directions.
+    """
+    d = acts.shape[-1]
+    _check_basis(basis, d)
+    b = basis.to(acts.dtype)
+    ref = acts if center is None else acts - center.to(acts.dtype)
+    return acts - (ref @ b) @ b.T
+
+
+def principal_angle_cosines(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spans of ``basis_a`` and ``basis_b``.
+
+    Both are ``[d, r_a]`` / ``[d, r_b]``; columns need not be orthonormal (they are
+    orthonormalised by QR). Returns ``min(r_a, r_b)`` cosines in ``[0, 1]``, descending.
+    """
+    if basis_a.dim() != 2 or basis_b.dim() != 2 or basis_a.shape[0] != basis_b.shape[0]:
+        raise ValueError(
+            "bases must be [d, r_a] and [d, r_b] with the same d; got shapes "
+            f"{tuple(basis_a.shape)} and {tuple(basis_b.shape)}"
+        )
+    qa, _ = torch.linalg.qr(basis_a.detach().to(torch.float64))
+    qb, _ = torch.linalg.qr(basis_b.detach().to(torch.float64))
+    return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
+
+
+def principal_angles_degrees(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between the column spans of two bases."""
+    return torch.rad2deg(torch.arccos(principal_angle_cosines(basis_a, basis_b)))

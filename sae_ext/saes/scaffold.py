@@ -1,0 +1,521 @@
+"""Scaffolded SAEs (SPEC §2; Deng et al., arXiv 2606.14040).
+
+A rank-r linear bottleneck runs in parallel with a BatchTopK (or Matryoshka-BatchTopK)
+sparse dictionary and absorbs the dense, low-rank "computational scaffold" of the
+activations that otherwise shows up as dense latents::
+
+    x̃ = x − b_dec                                   (when apply_b_dec_to_input)
+    s  = (x̃ V) U            V ∈ R^{d_in×r}, U ∈ R^{r×d_in}      (hook_scaffold)
+    f  = BatchTopK_k(x̃ W_enc + b_enc)       "full" encoder input (default)
+       = BatchTopK_k((x̃ − s) W_enc + b_enc) "residual" encoder input
+    x̂  = f W_dec + s + b_dec
+
+Architectures: ``scaffold_batchtopk`` and ``scaffold_matryoshka_batchtopk`` (training), both
+saved as ``scaffold_jumprelu`` (JumpReLU with the learned BatchTopK threshold, plus U, V),
+the way SAELens saves BatchTopK as JumpReLU. The training classes subclass SAELens's
+``BatchTopKTrainingSAE`` / ``MatryoshkaBatchTopKTrainingSAE``; the scaffold logic lives in
+two small mixins.
+
+How the scaffold reaches ``decode``: SAELens's splice (``HookedSAETransformer``,
+``SAETransformerBridge``) and evals call ``sae.encode(x)`` and then ``sae.decode(f)``, and
+``decode`` only sees the latents. So ``encode`` (through ``process_sae_in``) computes ``s``
+and leaves it pending on the module, and the next ``decode`` consumes it — the same pattern
+SAELens uses for ``constant_norm_rescale`` (``x_norm_coeff``) and ``layer_norm``. A
+``decode`` with nothing pending (e.g. decoding hand-made latents for steering) has no
+scaffold term: the scaffold is a function of the input, not of the latents.
+
+``hook_scaffold`` sits on the reconstruction path only: editing it changes the output by
+exactly the edit and never the latents (in ``"residual"`` mode the encoder subtracts the
+unhooked ``s``). Spliced into a model it is ``<hook_name>.hook_scaffold``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import act_times_W_dec
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+from typing_extensions import override
+
+from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts, pca_directions
+from sae_ext.registry import register_inference, register_training
+
+ScaffoldInit = Literal["pca", "random"]
+ScaffoldEncoderInput = Literal["full", "residual"]
+SCAFFOLD_INITS: tuple[str, ...] = ("pca", "random")
+SCAFFOLD_ENCODER_INPUTS: tuple[str, ...] = ("full", "residual")
+
+#: Default scaffold rank. The paper used 24 on Gemma-2-2B (d_in = 2304). The default must be
+#: < d_in at every width defaults are used at, including d_in = 32 test SAEs, so it is 8; on a
+#: real residual stream set it explicitly (e.g. ``scaffold_rank=24`` as in the paper).
+DEFAULT_SCAFFOLD_RANK = 8
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _validate_scaffold_cfg(cfg: Any, *, training: bool) -> None:
+    """Check the scaffold fields of ``cfg``; raise before any weights exist."""
+    r = cfg.scaffold_rank
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r < cfg.d_in:
+        raise ValueError(
+            f"scaffold_rank must be an integer with 1 <= scaffold_rank < d_in "
+            f"(allowed: 1..{cfg.d_in - 1} for d_in = {cfg.d_in}); got {r!r}"
+        )
+    if cfg.scaffold_encoder_input not in SCAFFOLD_ENCODER_INPUTS:
+        raise ValueError(
+            f"scaffold_encoder_input must be one of {SCAFFOLD_ENCODER_INPUTS}; "
+            f"got {cfg.scaffold_encoder_input!r}"
+        )
+    if training and cfg.scaffold_init not in SCAFFOLD_INITS:
+        raise ValueError(
+            f"scaffold_init must be one of {SCAFFOLD_INITS}; got {cfg.scaffold_init!r}"
+        )
+
+
+@dataclass
+class ScaffoldJumpReLUSAEConfig(JumpReLUSAEConfig):
+    """Inference config of a scaffolded SAE: JumpReLU plus a rank-``scaffold_rank`` scaffold.
+
+    Args:
+        scaffold_rank (int): rank r of the scaffold ``s = (x̃ V) U``; 1 <= r < d_in.
+        scaffold_encoder_input (str): ``"full"`` (encoder sees x̃) or ``"residual"`` (x̃ − s).
+    """
+
+    scaffold_rank: int = DEFAULT_SCAFFOLD_RANK
+    scaffold_encoder_input: ScaffoldEncoderInput = "full"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "scaffold_jumprelu"
+
+    def __post_init__(self) -> None:
+        _validate_scaffold_cfg(self, training=False)
+        super().__post_init__()
+
+
+@dataclass
+class _ScaffoldTrainingFields:
+    """The scaffold fields shared by both training configs (dataclass mixin).
+
+    Args:
+        scaffold_rank (int): Rank r of the scaffold s = (x̃ V) U, 1 <= r < d_in. Default 8:
+            the paper used 24 on Gemma-2-2B, but the default must stay below d_in at every
+            width it is used at, including d_in = 32 test SAEs.
+        scaffold_init (str): "pca" (default): on the first training batch set U = Vᵀ = its
+            top-r principal directions (centred); "random": U = Vᵀ = a random orthonormal
+            r-frame at construction.
+        scaffold_encoder_input (str): "full" (default): the encoder sees x̃, the scaffold runs
+            in parallel; "residual": the encoder sees x̃ − s.
+    """
+
+    scaffold_rank: int = DEFAULT_SCAFFOLD_RANK
+    scaffold_init: ScaffoldInit = "pca"
+    scaffold_encoder_input: ScaffoldEncoderInput = "full"
+
+
+@dataclass
+class ScaffoldBatchTopKTrainingSAEConfig(_ScaffoldTrainingFields, BatchTopKTrainingSAEConfig):
+    """Training config of ``scaffold_batchtopk``: SAELens BatchTopK plus a rank-r scaffold.
+
+    Scaffold fields: see ``_ScaffoldTrainingFields``; everything else: see
+    ``BatchTopKTrainingSAEConfig``.
+    """
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "scaffold_batchtopk"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return ScaffoldJumpReLUSAEConfig
+
+    def __post_init__(self) -> None:
+        _validate_scaffold_cfg(self, training=True)
+        super().__post_init__()
+
+
+def default_matryoshka_widths(d_sae: int) -> list[int]:
+    """Nested widths used when ``matryoshka_widths`` is left empty: d_sae/64, /16, /4, d_sae.
+
+    Levels grow ×4 (as in Bussmann et al.'s Matryoshka SAEs); widths below 1 and repeats are
+    dropped, and the last level is always ``d_sae``.
+    """
+    widths = sorted({d_sae // 4**i for i in (3, 2, 1, 0)} - {0})
+    return widths
+
+
+@dataclass
+class ScaffoldMatryoshkaBatchTopKTrainingSAEConfig(
+    _ScaffoldTrainingFields, MatryoshkaBatchTopKTrainingSAEConfig
+):
+    """Training config of ``scaffold_matryoshka_batchtopk``: Matryoshka BatchTopK plus a scaffold.
+
+    The scaffold is part of every nested level's reconstruction
+    (level m: ``b_dec + s + Σ_{latents < width_m} f W_dec``), so each level only has to explain
+    what the scaffold leaves over.
+
+    ``matryoshka_widths`` follows SAELens (non-empty, positive, strictly increasing, ``d_sae``
+    appended with a warning if missing), except that an empty list — SAELens's default, which
+    SAELens rejects — is replaced by ``default_matryoshka_widths(d_sae)`` so the defaults
+    train as they are. Run-time ``normalize_activations`` of ``"constant_norm_rescale"`` and
+    ``"layer_norm"`` are refused: SAELens's Matryoshka re-applies the output normalisation
+    once per level, which those stateful normalisations do not support.
+    """
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "scaffold_matryoshka_batchtopk"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return ScaffoldJumpReLUSAEConfig
+
+    def __post_init__(self) -> None:
+        _validate_scaffold_cfg(self, training=True)
+        if self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} is not supported by "
+                "scaffold_matryoshka_batchtopk; use one of 'none', 'expected_average_only_in', "
+                "'covariance_whitening'"
+            )
+        if not self.matryoshka_widths:
+            self.matryoshka_widths = default_matryoshka_widths(self.d_sae)
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------- shared core
+
+
+def _random_orthonormal(d: int, r: int) -> torch.Tensor:
+    """A ``[d, r]`` matrix with orthonormal columns, drawn from the global torch RNG (on CPU)."""
+    q, rr = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))
+    signs = torch.sign(torch.diagonal(rr))
+    signs[signs == 0] = 1.0
+    return q * signs  # sign fix makes the frame uniformly (Haar) distributed
+
+
+class _ScaffoldCore:
+    """Scaffold parameters, hook and linear algebra shared by the training and inference SAEs.
+
+    Must precede an SAELens SAE class in the bases (it calls ``super()`` into it).
+    """
+
+    cfg: Any
+    dtype: torch.dtype
+    device: torch.device
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    scaffold_V: nn.Parameter  # [d_in, r]
+    scaffold_U: nn.Parameter  # [r, d_in]
+    hook_scaffold: HookPoint
+    _pending_scaffold: torch.Tensor | None
+
+    def _init_scaffold_hook(self) -> None:
+        # [..., d_in]: the scaffold's contribution s = (x̃ V) U to the reconstruction
+        self.hook_scaffold = HookPoint()
+        self._pending_scaffold = None
+        self.setup()  # type: ignore[attr-defined]  # re-collect hook_dict with hook_scaffold
+
+    def _make_scaffold_params(self, random_frame: bool) -> None:
+        d, r = self.cfg.d_in, self.cfg.scaffold_rank
+        if random_frame and self.device.type != "meta":
+            v = _random_orthonormal(d, r).to(self.dtype)
+        else:
+            v = torch.zeros(d, r, dtype=self.dtype)
+        self.scaffold_V = nn.Parameter(v.to(self.device).contiguous())
+        self.scaffold_U = nn.Parameter(v.T.to(self.device).contiguous())
+
+    def scaffold_map(self, x_tilde: torch.Tensor) -> torch.Tensor:
+        """The scaffold ``s = (x̃ V) U`` of an already-processed input ``x̃`` ``[..., d_in]``."""
+        return (x_tilde @ self.scaffold_V) @ self.scaffold_U
+
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's input processing, then compute ``s`` (left pending for ``decode``).
+
+        Returns the encoder's input: ``x̃`` (``"full"``) or ``x̃ − s`` (``"residual"``).
+        """
+        x_tilde = super().process_sae_in(sae_in)  # type: ignore[misc]
+        s = self.scaffold_map(x_tilde)
+        self._pending_scaffold = s
+        if self.cfg.scaffold_encoder_input == "residual":
+            return x_tilde - s
+        return x_tilde
+
+    def _take_scaffold(self, feature_acts: torch.Tensor) -> torch.Tensor | None:
+        """Consume the pending scaffold for ``feature_acts`` and pass it through ``hook_scaffold``."""
+        s = self._pending_scaffold
+        self._pending_scaffold = None
+        if s is None:
+            return None
+        if s.shape[:-1] != feature_acts.shape[:-1]:
+            raise ValueError(
+                "decode() got latents of leading shape "
+                f"{tuple(feature_acts.shape[:-1])} but the pending scaffold from the last "
+                f"encode() has leading shape {tuple(s.shape[:-1])}; call encode() and decode() "
+                "in pairs on the same input"
+            )
+        return self.hook_scaffold(s)
+
+    def scaffold(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaffold contribution ``s`` for a raw input ``x`` ``[..., d_in]`` (hooks not applied).
+
+        In the SAE's processed input space (after any run-time normalisation).
+        """
+        x_tilde = super().process_sae_in(x)  # type: ignore[misc]
+        return self.scaffold_map(x_tilde)
+
+    @torch.no_grad()
+    def scaffold_subspace(self) -> torch.Tensor:
+        """Orthonormal basis ``[d_in, r]`` of the range of the scaffold map ``x̃ ↦ x̃ V U``.
+
+        Columns are ordered by the map's singular values (largest first). The map has rank r
+        generically; directions with zero singular value would be arbitrary, and are kept
+        only so the shape is fixed.
+        """
+        v = self.scaffold_V.detach().to(torch.float64)
+        u = self.scaffold_U.detach().to(torch.float64)
+        q, rr = torch.linalg.qr(v)  # V U = Q (R U)
+        _, _, vh = torch.linalg.svd(rr @ u, full_matrices=False)
+        return vh.T.to(self.dtype)
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self,
+        mean: torch.Tensor,
+        whitening_matrix: torch.Tensor,
+        unwhitening_matrix: torch.Tensor,
+    ) -> None:
+        """SAELens's whitening fold, extended to the scaffold.
+
+        With whitened inputs ``z = (x − m) M``: ``V ← M V``, ``U ← U M⁻¹``; when
+        ``apply_b_dec_to_input`` is False the scaffold's response to the mean is moved into
+        the biases (``b_dec −= m V'U'`` and, in ``"residual"`` mode, ``b_enc += m V'U' W_enc'``).
+        """
+        apply_b_dec = bool(self.cfg.apply_b_dec_to_input)
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+        dtype = torch.promote_types(self.scaffold_V.dtype, whitening_matrix.dtype)
+        m_white = whitening_matrix.to(self.device, dtype)
+        m_unwhite = unwhitening_matrix.to(self.device, dtype)
+        v = m_white @ self.scaffold_V.data.to(dtype)
+        u = self.scaffold_U.data.to(dtype) @ m_unwhite
+        self.scaffold_V.data.copy_(v)
+        self.scaffold_U.data.copy_(u)
+        if not apply_b_dec:
+            mean_s = (mean.to(self.device, dtype) @ v) @ u
+            self.b_dec.data.sub_(mean_s.to(self.b_dec.dtype))
+            if self.cfg.scaffold_encoder_input == "residual":
+                self.b_enc.data.add_((mean_s @ self.W_enc.data.to(dtype)).to(self.b_enc.dtype))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class ScaffoldJumpReLUSAE(_ScaffoldCore, JumpReLUSAE):
+    """Inference scaffolded SAE: SAELens JumpReLU plus the scaffold ``s = (x̃ V) U``.
+
+    ``fold_W_dec_norm`` (JumpReLU's) leaves U, V alone: s does not involve W_dec.
+    ``fold_activation_norm_scaling_factor`` (SAELens's) needs no scaffold change either: s
+    is linear in x̃, so dividing x̃ by the factor divides s by it, as the fold requires.
+    """
+
+    cfg: ScaffoldJumpReLUSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: ScaffoldJumpReLUSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._init_scaffold_hook()
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self._make_scaffold_params(random_frame=False)  # loaded from disk
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """``x̂ = f W_dec + s + b_dec`` (s from the last ``encode``), then SAELens's output steps."""
+        s = self._take_scaffold(feature_acts)
+        sae_out_pre = feature_acts @ self.W_dec + self.b_dec
+        if s is not None:
+            sae_out_pre = sae_out_pre + s
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
+        return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class _ScaffoldTrainingMixin(_ScaffoldCore):
+    """Training-side scaffold logic shared by the BatchTopK and Matryoshka classes.
+
+    Adds: the scaffold parameters; PCA initialisation on the first training batch; the
+    scaffold term in ``decode``; training metrics; dropping training-only state on save.
+
+    Metrics (``TrainStepOutput.metrics``):
+      - ``scaffold_variance_share``: Var(s) / Var(x̂) on the batch (total variance over
+        dimensions, centred over tokens) — the part of the reconstruction the scaffold carries
+        (s and the sparse part may correlate, so shares need not add up to 1).
+      - ``dense_latent_fraction``: fraction of latents firing on > 10 % of the tokens seen
+        since the last logging step. A small running counter (plain tensors, not in the
+        state dict) accumulates every training step and is reset after each step with
+        ``is_logging_step``; ``dense_latent_fraction_batch`` is the same on this batch alone.
+    """
+
+    scaffold_initialized: torch.Tensor  # bool scalar buffer (saved in training checkpoints)
+
+    def __init__(self, cfg: Any, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
+        self._init_scaffold_hook()
+        self._record_scaffold = False
+        self._last_scaffold: torch.Tensor | None = None
+        self._window_counts: torch.Tensor | None = None
+        self._window_tokens = 0
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()  # type: ignore[misc]
+        self._make_scaffold_params(random_frame=True)
+        self.register_buffer(  # type: ignore[attr-defined]
+            "scaffold_initialized",
+            torch.tensor(self.cfg.scaffold_init != "pca", device=self.device),
+        )
+
+    @torch.no_grad()
+    def init_scaffold_from_batch(self, sae_in: torch.Tensor) -> None:
+        """Set U = Vᵀ = the top-r principal directions of the centred batch ``sae_in``."""
+        x = self.run_time_activation_norm_fn_in(sae_in.to(self.dtype))  # type: ignore[attr-defined]
+        x = x.reshape(-1, self.cfg.d_in)
+        r = self.cfg.scaffold_rank
+        if x.shape[0] <= r:
+            warnings.warn(
+                f"PCA scaffold init from a batch of {x.shape[0]} tokens <= scaffold_rank = {r}: "
+                "some of the directions are arbitrary",
+                stacklevel=2,
+            )
+        basis = pca_directions(x.to(torch.float64), r).to(self.dtype)  # [d_in, r]
+        self.scaffold_V.data.copy_(basis)
+        self.scaffold_U.data.copy_(basis.T)
+        self.scaffold_initialized.fill_(True)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """``x̂ = f W_dec + s + b_dec`` (SAELens TopK decoding plus the pending scaffold)."""
+        s = self._take_scaffold(feature_acts)
+        if self._record_scaffold:
+            self._last_scaffold = s
+        sae_out_pre = (
+            act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+            + self.b_dec
+        )
+        if s is not None:
+            sae_out_pre = sae_out_pre + s
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)  # type: ignore[attr-defined]
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)  # type: ignore[attr-defined]
+        return self.reshape_fn_out(sae_out_pre, self.d_head)  # type: ignore[attr-defined]
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if not bool(self.scaffold_initialized):
+            self.init_scaffold_from_batch(step_input.sae_in)
+        self._record_scaffold = True
+        try:
+            output = super().training_forward_pass(step_input)  # type: ignore[misc]
+            s = self._last_scaffold
+        finally:
+            self._record_scaffold = False
+            self._last_scaffold = None
+        output.metrics.update(self._scaffold_metrics(output, s, step_input.is_logging_step))
+        return output
+
+    @torch.no_grad()
+    def _scaffold_metrics(
+        self, output: TrainStepOutput, s: torch.Tensor | None, is_logging_step: bool
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if s is not None:
+            recon = output.sae_out.detach().reshape(-1, self.cfg.d_in).double()
+            s2 = s.detach().reshape(-1, self.cfg.d_in).double()
+            var_recon = (recon - recon.mean(0)).pow(2).sum()
+            var_s = (s2 - s2.mean(0)).pow(2).sum()
+            metrics["scaffold_variance_share"] = (var_s / var_recon.clamp(min=1e-12)).item()
+        counts = firing_counts(output.feature_acts.detach())
+        n_batch = output.feature_acts.shape[:-1].numel()
+        if self._window_counts is None or self._window_counts.device != counts.device:
+            self._window_counts = torch.zeros_like(counts)
+            self._window_tokens = 0
+        self._window_counts += counts
+        self._window_tokens += n_batch
+        metrics["dense_latent_fraction_batch"] = dense_fraction(counts, n_batch, DENSE_THRESHOLD)
+        metrics["dense_latent_fraction"] = dense_fraction(
+            self._window_counts, self._window_tokens, DENSE_THRESHOLD
+        )
+        if is_logging_step:
+            self._window_counts = torch.zeros_like(counts)
+            self._window_tokens = 0
+        return metrics
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+        state_dict.pop("scaffold_initialized", None)
+
+
+class ScaffoldBatchTopKTrainingSAE(_ScaffoldTrainingMixin, BatchTopKTrainingSAE):
+    """``scaffold_batchtopk``: SAELens BatchTopK SAE trained jointly with a rank-r scaffold.
+
+    Loss = SAELens BatchTopK's (MSE of ``x̂ = f W_dec + s + b_dec`` plus AuxK, whose residual
+    ``x − x̂`` therefore already excludes the scaffold). Saved as ``scaffold_jumprelu``.
+    """
+
+    cfg: ScaffoldBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+
+
+class ScaffoldMatryoshkaBatchTopKTrainingSAE(
+    _ScaffoldTrainingMixin, MatryoshkaBatchTopKTrainingSAE
+):
+    """``scaffold_matryoshka_batchtopk``: SAELens Matryoshka BatchTopK plus a rank-r scaffold.
+
+    Every nested level's reconstruction includes the scaffold (``b_dec + s + Σ f W_dec`` over
+    the level's latents), for the inner MSE losses and the Matryoshka AuxK alike. Saved as
+    ``scaffold_jumprelu``.
+    """
+
+    cfg: ScaffoldMatryoshkaBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def _iterable_decode(
+        self, feature_acts: torch.Tensor, include_outer_loss: bool = False
+    ) -> Generator[tuple[int, torch.Tensor], None, None]:
+        # SAELens's levels start from b_dec; add this step's (hooked) scaffold to each. The
+        # run-time output normalisation is the identity here (the config refuses the others).
+        s = self._last_scaffold
+        for width, partial in super()._iterable_decode(feature_acts, include_outer_loss):
+            yield width, partial if s is None else partial + s
+
+
+register_inference("scaffold_jumprelu", ScaffoldJumpReLUSAE, ScaffoldJumpReLUSAEConfig)
+register_training(
+    "scaffold_batchtopk",
+    ScaffoldBatchTopKTrainingSAE,
+    ScaffoldBatchTopKTrainingSAEConfig,
+    inference_architecture="scaffold_jumprelu",
+)
+register_training(
+    "scaffold_matryoshka_batchtopk",
+    ScaffoldMatryoshkaBatchTopKTrainingSAE,
+    ScaffoldMatryoshkaBatchTopKTrainingSAEConfig,
+    inference_architecture="scaffold_jumprelu",
+)
