@@ -6,8 +6,14 @@ their names. Import it before loading a saved plugin SAE.
 """
 
 from sae_ext import saes  # noqa: F401  (registers the architectures)
+from sae_ext.activations import BiJumpReLU
 from sae_ext.registry import plugin_inference_architectures, plugin_training_architectures
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "plugin_inference_architectures", "plugin_training_architectures"]
+__all__ = [
+    "BiJumpReLU",
+    "__version__",
+    "plugin_inference_architectures",
+    "plugin_training_architectures",
+]

@@ -1,0 +1,230 @@
+"""Bi-Jump-ReLU and the two-sided step gate (SPEC §1), with straight-through gradients.
+
+A Bi-Jump-ReLU keeps a pre-activation ``z`` outside a per-latent dead zone
+``[-θ⁻, θ⁺]`` and zeroes it inside, so one latent can carry both signs along one decoder
+direction::
+
+    BiJumpReLU(z) = z · [H(z − θ⁺) + H(−z − θ⁻)]
+
+The step and the jumps have no useful derivative with respect to the thresholds, so the
+backward passes use the JumpReLU straight-through estimator of Rajamanoharan et al. (2024),
+mirrored for the negative side, with the rectangle kernel ``K(u) = 1[|u| ≤ ½]`` and
+bandwidth ``ε``. Passing ``theta_neg=None`` closes the negative side (a one-sided
+JumpReLU / step).
+
+Comparisons are made in the promoted dtype of ``z`` and the thresholds, so float32
+thresholds keep their precision when ``z`` is bfloat16; outputs are in ``z``'s dtype and
+threshold gradients in the threshold's dtype (summed over the leading dimensions of ``z``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BiJumpReLU",
+    "BiJumpReLUFunction",
+    "TwoSidedStepFunction",
+    "bi_jump_relu",
+    "two_sided_step",
+]
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel ``K(u) = 1[|u| ≤ ½]``."""
+    return (u.abs() <= 0.5).to(u.dtype)
+
+
+def _compute_dtype(z: torch.Tensor, theta: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(z.dtype, theta.dtype)
+
+
+def _reduce_to(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sum a per-element gradient down to the threshold's shape and dtype."""
+    return grad.sum_to_size(theta.shape).to(theta.dtype)
+
+
+class BiJumpReLUFunction(torch.autograd.Function):
+    """``z · [H(z − θ⁺) + H(−z − θ⁻)]`` with SPEC §1's pseudo-derivatives.
+
+    Backward: ``∂/∂z = H(z − θ⁺) + H(−z − θ⁻)``, ``∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε)``,
+    ``∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε)``.
+    """
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor,
+        theta_pos: torch.Tensor,
+        theta_neg: torch.Tensor | None,
+        bandwidth: float,  # noqa: ARG004
+    ) -> torch.Tensor:
+        zc = z.to(_compute_dtype(z, theta_pos))
+        keep = zc > theta_pos
+        if theta_neg is not None:
+            keep = keep | (-zc > theta_neg)
+        return z * keep.to(z.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        z, theta_pos, theta_neg, bandwidth = inputs
+        del output
+        ctx.save_for_backward(z, theta_pos, theta_neg)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
+        z, theta_pos, theta_neg = ctx.saved_tensors
+        eps = ctx.bandwidth
+        zc = z.to(_compute_dtype(z, theta_pos))
+        g = grad_out.to(zc.dtype)
+        pass_pos = zc > theta_pos
+        grad_theta_pos = -(theta_pos / eps) * _rectangle((zc - theta_pos) / eps) * g
+        grad_theta_neg = None
+        if theta_neg is not None:
+            pass_pos = pass_pos | (-zc > theta_neg)
+            grad_theta_neg = _reduce_to(
+                (theta_neg / eps) * _rectangle((-zc - theta_neg) / eps) * g, theta_neg
+            )
+        grad_z = grad_out * pass_pos.to(grad_out.dtype)
+        return grad_z, _reduce_to(grad_theta_pos, theta_pos), grad_theta_neg, None
+
+
+class TwoSidedStepFunction(torch.autograd.Function):
+    """The polarity gates ``(H(z − θ⁺), H(−z − θ⁻))`` with SPEC §1's pseudo-derivatives.
+
+    Backward: ``∂/∂z = 0`` (the gate path is trained by the sparsity and auxiliary terms,
+    as in a Gated SAE), ``∂/∂θ⁺ = −(1/ε) K((z − θ⁺)/ε)``, ``∂/∂θ⁻ = −(1/ε) K((−z − θ⁻)/ε)``.
+    With ``theta_neg=None`` the negative gate is identically zero.
+    """
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor,
+        theta_pos: torch.Tensor,
+        theta_neg: torch.Tensor | None,
+        bandwidth: float,  # noqa: ARG004
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        zc = z.to(_compute_dtype(z, theta_pos))
+        gate_pos = (zc > theta_pos).to(z.dtype)
+        gate_neg = (-zc > theta_neg).to(z.dtype) if theta_neg is not None else torch.zeros_like(z)
+        return gate_pos, gate_neg
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        z, theta_pos, theta_neg, bandwidth = inputs
+        del output
+        ctx.save_for_backward(z, theta_pos, theta_neg)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_pos: torch.Tensor, grad_neg: torch.Tensor
+    ) -> tuple[None, torch.Tensor, torch.Tensor | None, None]:
+        z, theta_pos, theta_neg = ctx.saved_tensors
+        eps = ctx.bandwidth
+        zc = z.to(_compute_dtype(z, theta_pos))
+        k_pos = _rectangle((zc - theta_pos) / eps) / eps
+        grad_theta_pos = _reduce_to(-k_pos * grad_pos.to(zc.dtype), theta_pos)
+        grad_theta_neg = None
+        if theta_neg is not None:
+            k_neg = _rectangle((-zc - theta_neg) / eps) / eps
+            grad_theta_neg = _reduce_to(-k_neg * grad_neg.to(zc.dtype), theta_neg)
+        return None, grad_theta_pos, grad_theta_neg, None
+
+
+def bi_jump_relu(
+    z: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None, bandwidth: float
+) -> torch.Tensor:
+    """Functional Bi-Jump-ReLU (see :class:`BiJumpReLUFunction`)."""
+    return BiJumpReLUFunction.apply(z, theta_pos, theta_neg, bandwidth)  # type: ignore[return-value]
+
+
+def two_sided_step(
+    z: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None, bandwidth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional two-sided step gate (see :class:`TwoSidedStepFunction`)."""
+    return TwoSidedStepFunction.apply(z, theta_pos, theta_neg, bandwidth)  # type: ignore[return-value]
+
+
+class BiJumpReLU(nn.Module):
+    """A Bi-Jump-ReLU activation with learned per-unit thresholds ``θ⁺, θ⁻ > 0``.
+
+    The thresholds are trained as logs (``log_threshold_pos``, ``log_threshold_neg``) so
+    they stay positive, and are kept in float32 (float64 if the module is cast to float64)
+    whatever dtype the module or its input is cast to, since Adam's small steps on a
+    threshold round away in bfloat16.
+
+    Args:
+        num_units: size of the last dimension of the input.
+        initial_threshold: starting value of θ⁺ and θ⁻ (> 0).
+        bandwidth: straight-through kernel width ε (> 0).
+        two_sided: if False there is no negative side (a JumpReLU).
+    """
+
+    log_threshold_pos: nn.Parameter
+    log_threshold_neg: nn.Parameter | None
+
+    def __init__(
+        self,
+        num_units: int,
+        initial_threshold: float = 1e-3,
+        bandwidth: float = 0.05,
+        two_sided: bool = True,
+    ) -> None:
+        super().__init__()
+        if not initial_threshold > 0:
+            raise ValueError(f"initial_threshold must be > 0, got {initial_threshold}")
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        self.bandwidth = bandwidth
+        log_init = torch.full((num_units,), float(initial_threshold)).log()
+        self.log_threshold_pos = nn.Parameter(log_init.clone())
+        self.log_threshold_neg = nn.Parameter(log_init.clone()) if two_sided else None
+
+    @property
+    def threshold_pos(self) -> torch.Tensor:
+        """θ⁺ in linear space."""
+        return self.log_threshold_pos.exp()
+
+    @property
+    def threshold_neg(self) -> torch.Tensor | None:
+        """θ⁻ in linear space (None when one-sided)."""
+        return None if self.log_threshold_neg is None else self.log_threshold_neg.exp()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return bi_jump_relu(z, self.threshold_pos, self.threshold_neg, self.bandwidth)
+
+    def gates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The polarity gates ``(H(z − θ⁺), H(−z − θ⁻))`` for ``z``."""
+        return two_sided_step(z, self.threshold_pos, self.threshold_neg, self.bandwidth)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> BiJumpReLU:
+        with keep_thresholds_at_least_float32(self, ("log_threshold_pos", "log_threshold_neg")):
+            return super()._apply(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        two_sided = self.log_threshold_neg is not None
+        return f"num_units={self.log_threshold_pos.numel()}, bandwidth={self.bandwidth}, two_sided={two_sided}"
+
+
+@contextmanager
+def keep_thresholds_at_least_float32(module: nn.Module, names: tuple[str, ...]) -> Iterator[None]:
+    """Undo any narrowing of the named parameters by a cast run inside this context.
+
+    ``nn.Module.to(dtype)`` casts every floating parameter; wrap ``_apply`` in this so
+    threshold parameters keep their float32 (or float64) values whatever the module's
+    dtype. Device moves still apply.
+    """
+    before = {n: p.data for n in names if (p := module._parameters.get(n)) is not None}
+    yield
+    for name, old in before.items():
+        p = module._parameters.get(name)
+        if p is not None and p.is_floating_point() and torch.finfo(p.dtype).bits < 32:
+            p.data = old.to(device=p.device, dtype=torch.promote_types(old.dtype, torch.float32))
