@@ -179,6 +179,7 @@ def train_on_cache(
     train_batch_size_tokens: int = 4096,
     lr: float = 3e-4,
     seed: int = 42,
+    n_batches_for_norm_estimate: int = 50,
     **runner_kwargs: Any,
 ) -> TrainingSAE:
     """Train one SAE on a stored capture with SAELens's ``LanguageModelSAETrainingRunner``.
@@ -207,6 +208,7 @@ def train_on_cache(
         n_batches_in_buffer=max(2, min(32, n_rows // store_batch)),
         lr=lr,
         seed=seed,
+        n_batches_for_norm_estimate=n_batches_for_norm_estimate,
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
         output_path=str(out_dir),

@@ -19,6 +19,7 @@ def _train(argv: Sequence[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sae_ext.bench import add_bench_arguments
     from sae_ext.demo import add_demo_arguments
     from sae_ext.evaluate import add_eval_arguments
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_arguments(sub.add_parser("demo", help="the main job on the embedded model and text"))
     add_eval_arguments(sub.add_parser("eval", help="evaluate a saved SAE: run_evals, dark matter, dictionary stats, error nodes"))
+    add_bench_arguments(sub.add_parser("bench", help="synthetic benchmarks of benchmarks/ (--quick: minutes)"))
     sub.add_parser("train", help="SAELens training CLI (all SAELens flags) with sae_ext architectures", add_help=False)
     return parser
 
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_ext.demo import run_demo
 
         run_demo(args)
+    elif args.command == "bench":
+        from sae_ext.bench import run_bench
+
+        run_bench(args)
     elif args.command == "eval":
         from sae_ext.evaluate import run_eval_command
 

@@ -1,9 +1,10 @@
 """`sae-ext demo`: the main job.
 
 Capture activations of the embedded SmolLM2-135M at one hook on the embedded text once, train
-every demo SAE on the stored activations through SAELens's runner, evaluate each with SAELens's
-``run_evals`` on held-out text (explained variance, L0, dead fraction, CE/KL loss recovered by
-splicing), and write ``report.md``, ``report.json`` and an R²-vs-L0 plot.
+every demo SAE (each plugin architecture beside its SAELens sibling) on the stored activations
+through SAELens's runner, evaluate each on held-out text with :func:`sae_ext.evaluate.evaluate_sae`
+(SAELens ``run_evals``: explained variance, L0, CE/KL loss recovered by splicing; dark matter;
+dead / dense / bipolar / group statistics), and write ``report.md``, ``report.json`` and plots.
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from sae_lens import SAE, ActivationsStore
-from sae_lens.evals import EvalConfig, run_evals
+from sae_lens import SAE
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAEConfig
-from sae_lens.training.activation_scaler import ActivationScaler
 
 DEFAULT_HOOK = "blocks.15.hook_mlp_out"
 
@@ -32,76 +30,67 @@ class DemoEntry:
 
     name: str
     architecture: str
-    d_sae: Callable[[int, int], int]  # (d_in, width) -> d_sae
+    d_sae: Callable[[int, int], int]  # (d_in, width H) -> d_sae
     kwargs: dict[str, Any] = field(default_factory=dict)
-    sibling_of: str | None = None  # name of the plugin entry this SAELens SAE is compared with
 
     def config(self, d_in: int, width: int) -> TrainingSAEConfig:
         cfg_cls = get_sae_training_class(self.architecture)[1]
         return cfg_cls(d_in=d_in, d_sae=self.d_sae(d_in, width), **self.kwargs)
 
 
-def demo_entries(k: int = 32) -> list[DemoEntry]:
-    """The SAEs the demo trains; each plugin architecture sits beside its SAELens sibling."""
+def demo_entries(k: int = 32, group_rank: int = 4) -> list[DemoEntry]:
+    """The SAEs the demo trains; each plugin architecture sits beside its SAELens sibling.
+
+    Widths follow the papers' comparisons: SA-GSAE at H vs Gated at 2H; the scaffold and SASA
+    at the same width (2H) and sparsity as BatchTopK / TopK (SASA: s·r = k active columns).
+    All train on inputs normalised to E‖x‖² = d_in (folded back into the weights on save), so
+    the coefficients below are scale-free.
+    """
+    if k < 1 or group_rank < 1 or k % group_rank:
+        raise ValueError(f"--k ({k}) must be a positive multiple of --group-rank ({group_rank})")
+    norm = {"normalize_activations": "expected_average_only_in"}
+    sasa = {"group_rank": group_rank, "n_active_groups": k // group_rank, "nuclear_coefficient": 3.0}
     return [
-        DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": 2.0}),
-        DemoEntry("batchtopk", "batchtopk", lambda d, w: 2 * w, {"k": k}),
+        DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": 1.0, **norm}),
+        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w, {"l1_coefficient": 1.0, **norm}),
+        DemoEntry("batchtopk", "batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
+        DemoEntry("scaffold_batchtopk", "scaffold_batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
+        DemoEntry("topk", "topk", lambda d, w: 2 * w, {"k": k, **norm}),
+        DemoEntry("sasa", "sasa", lambda d, w: 2 * w, {**sasa, **norm}),
     ]
 
 
-def evaluate_sae(
-    sae: SAE[Any], model: Any, eval_dataset: Any, n_batches: int = 8, batch_prompts: int = 8
-) -> dict[str, float]:
-    """SAELens ``run_evals`` on held-out token rows: reconstruction, sparsity and CE/KL splicing."""
-    context_size = len(eval_dataset[0]["input_ids"])
-    store = ActivationsStore.from_sae(
-        model,
-        sae,
-        dataset=eval_dataset,
-        context_size=context_size,
-        streaming=False,
-        store_batch_size_prompts=batch_prompts,
-        n_batches_in_buffer=2,
-        train_batch_size_tokens=batch_prompts * context_size,
-    )
-    cfg = EvalConfig(
-        batch_size_prompts=batch_prompts,
-        n_eval_reconstruction_batches=n_batches,
-        n_eval_sparsity_variance_batches=n_batches,
-        compute_kl=True,
-        compute_ce_loss=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-    )
-    metrics, feature_metrics = run_evals(
-        sae, store, model, ActivationScaler(), cfg, exclude_special_tokens=True
-    )
-    density = torch.as_tensor(feature_metrics["feature_density"])
-    flat = _flatten(metrics)
+def summarize(name: str, architecture: str, res: dict[str, Any]) -> dict[str, Any]:
+    """One table row from an :func:`sae_ext.evaluate.evaluate_sae` result."""
+    ev, dm, dic = res["run_evals"], res["dark_matter"], res["dictionary"]
+    dmc, sc = res.get("dark_matter_ce") or {}, res.get("scaffold") or {}
+    groups = dic.get("groups") or {}
     return {
-        "explained_variance": flat["reconstruction_quality/explained_variance"],
-        "l0": flat["sparsity/l0"],
-        "dead_fraction": float((density == 0).float().mean()),
-        "dense_fraction": float((density > 0.1).float().mean()),
-        "ce_clean": flat["model_performance_preservation/ce_loss_without_sae"],
-        "ce_sae": flat["model_performance_preservation/ce_loss_with_sae"],
-        "ce_zero_ablation": flat["model_performance_preservation/ce_loss_with_ablation"],
-        "ce_loss_recovered": flat["model_performance_preservation/ce_loss_score"],
-        "kl_score": flat["model_behavior_preservation/kl_div_score"],
-        "kl_with_sae": flat["model_behavior_preservation/kl_div_with_sae"],
+        "name": name,
+        "architecture": architecture,
+        "d_sae": res["sae"]["d_sae"],
+        "l0": ev["l0"],
+        "explained_variance": ev["explained_variance"],
+        "dead_fraction": dic["dead_fraction"],
+        "dense_fraction": dic["dense_fraction"],
+        "ce_clean": ev["ce_loss_without_sae"],
+        "ce_sae": ev["ce_loss_with_sae"],
+        "ce_zero_ablation": ev["ce_loss_with_ablation"],
+        "ce_loss_recovered": ev["ce_loss_score"],
+        "kl_score": ev["kl_div_score"],
+        "error_r2": dm["error_r2"],
+        "norm_r2": dm["norm_r2"],
+        "fvu": dm["fvu"],
+        "nonlinear_fvu": dm["nonlinear_fvu"],
+        "ce_sae_linear": dmc.get("ce_sae_linear"),
+        "ce_sae_nonlinear": dmc.get("ce_sae_nonlinear"),
+        "bipolar_fraction": dic.get("bipolar_fraction"),
+        "positive_share_hist": dic.get("positive_share_hist"),
+        "mean_group_stable_rank": groups.get("mean_stable_rank"),
+        "group_rank90_counts": groups.get("rank90_counts"),
+        "scaffold_ce_ratio": (sc.get("ablation") or {}).get("ce_ratio"),
+        "pca_removal_ce_ratio": (sc.get("pca_removal") or {}).get("ce_ratio"),
     }
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
 
 
 COLUMNS = [
@@ -112,9 +101,12 @@ COLUMNS = [
     ("explained_variance", "R²", "{:.3f}"),
     ("dead_fraction", "dead", "{:.3f}"),
     ("dense_fraction", "dense", "{:.3f}"),
+    ("bipolar_fraction", "bipolar", "{:.2f}"),
     ("ce_sae", "CE with SAE", "{:.4f}"),
     ("ce_loss_recovered", "CE loss rec.", "{:.3f}"),
     ("kl_score", "KL score", "{:.3f}"),
+    ("error_r2", "error R²", "{:.2f}"),
+    ("norm_r2", "norm R²", "{:.2f}"),
     ("train_seconds", "train s", "{:.0f}"),
 ]
 
@@ -130,87 +122,119 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def plot_r2_vs_l0(rows: list[dict[str, Any]], path: Path) -> None:
-    """Scatter of explained variance against L0, one labelled point per SAE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        marker = "o" if r["architecture"] in _plugin_archs() else "s"
-        ax.scatter(r["l0"], r["explained_variance"], marker=marker, s=50)
-        ax.annotate(r["name"], (r["l0"], r["explained_variance"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("explained variance R²")
-    ax.set_title("R² vs L0 (circles: sae_ext, squares: SAELens)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _plugin_archs() -> set[str]:
     from sae_ext.registry import PLUGIN_TRAINING_ARCHITECTURES
 
     return set(PLUGIN_TRAINING_ARCHITECTURES)
 
 
+def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
+    """Four panels: R² vs L0 (Pareto view), dead and dense fractions, dark matter (error and
+    norm R²), and the bipolar census (SA-GSAE) with the group rank90 histogram (SASA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plugin = _plugin_archs()
+    names = [r["name"] for r in rows]
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    for r in rows:
+        ax.scatter(r["l0"], r["explained_variance"], marker="o" if r["architecture"] in plugin else "s", s=50)
+        ax.annotate(r["name"], (r["l0"], r["explained_variance"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="L0 (active latents per token)", ylabel="explained variance R²",
+           title="R² vs L0 (circles: sae_ext, squares: SAELens)")
+    ax.grid(alpha=0.3)
+    ax = axes[0, 1]
+    ax.bar([i - 0.2 for i in x], [r["dead_fraction"] for r in rows], 0.4, label="dead")
+    ax.bar([i + 0.2 for i in x], [r["dense_fraction"] for r in rows], 0.4, label="dense (>10 %)")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set(title="dead and dense latent fractions", ylabel="fraction of latents")
+    ax.legend()
+    ax = axes[1, 0]
+    ax.bar([i - 0.2 for i in x], [r["error_r2"] or 0 for r in rows], 0.4, label="error R² (e from x)")
+    ax.bar([i + 0.2 for i in x], [r["norm_r2"] or 0 for r in rows], 0.4, label="norm R² (‖e‖² from x)")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set(title="SAE dark matter: linearly predictable error", ylabel="R² (held-out tokens)")
+    ax.legend()
+    ax = axes[1, 1]
+    for r in rows:
+        if r.get("positive_share_hist"):
+            ax.plot([i / 10 + 0.05 for i in range(10)], r["positive_share_hist"], "o-",
+                    label=f"{r['name']}: latents by positive share of firings")
+        if r.get("group_rank90_counts"):
+            ks = sorted(r["group_rank90_counts"], key=int)
+            ax.bar([int(k) / 10 for k in ks], [r["group_rank90_counts"][k] for k in ks], 0.05, alpha=0.6,
+                   label=f"{r['name']}: groups by rank90 (x = rank / 10)")
+    ax.set(title="bipolar census and SASA group ranks", xlabel="share", ylabel="latents / groups")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=300_000, help="training tokens per SAE (default 300k)")
-    p.add_argument("--capture-tokens", type=int, default=100_000, help="activations captured once and reused (default 100k)")
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 8×128 tokens for run_evals")
+    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE (default 200k)")
+    p.add_argument("--capture-tokens", type=int, default=60_000,
+                   help="activations captured once and reused by every SAE (default 60k)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the evaluation")
+    p.add_argument("--full-eval", action="store_true",
+                   help="also the dark-matter CE splices, error-node and scaffold ablations (more model passes)")
     p.add_argument("--hook", default=DEFAULT_HOOK, help=f"TransformerLens hook (default {DEFAULT_HOOK})")
-    p.add_argument("--width", type=int, default=1152, help="H: the plugin SAEs' width; siblings get 2H where the paper says so")
+    p.add_argument("--width", type=int, default=576, help="H: SA-GSAE's width; every other SAE gets 2H")
     p.add_argument("--k", type=int, default=32, help="active latents per token for the TopK family")
+    p.add_argument("--group-rank", type=int, default=4, help="SASA group rank r (s = k / r groups active)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size in tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", nargs="*", help="train only these demo entries (by name)")
     p.add_argument("--out", default="sae_ext_out/demo", help="output directory")
+    p.add_argument("--activations-dir", default=None,
+                   help="where the capture is stored and reused (default OUT/activations)")
 
 
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the main job and return its table rows."""
-    from sae_ext.capture import capture_activations, train_on_cache
+    from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache
     from sae_ext.data import default_token_dataset
+    from sae_ext.evaluate import evaluate_sae
     from sae_ext.models import DEFAULT_MODEL_NAME, load_default_model
 
-    entries = demo_entries(args.k)
+    for name, value in [("--tokens", args.tokens), ("--capture-tokens", args.capture_tokens),
+                        ("--width", args.width), ("--eval-tokens", args.eval_tokens), ("--k", args.k)]:
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    entries = demo_entries(args.k, args.group_rank)
     if args.only:
         unknown = sorted(set(args.only) - {e.name for e in entries})
         if unknown:
             raise ValueError(f"unknown demo entries {unknown}; choose from {[e.name for e in entries]}")
         entries = [e for e in entries if e.name in args.only]
-    for name, value in [("--tokens", args.tokens), ("--capture-tokens", args.capture_tokens), ("--width", args.width)]:
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     model = load_default_model()
-    from sae_ext.capture import check_hook_name, hook_width
-
     check_hook_name(model, args.hook)
     d_in = hook_width(model, args.hook)
-    configs = {e.name: e.config(d_in, args.width) for e in entries}  # validate before work
+    configs = {e.name: e.config(d_in, args.width) for e in entries}  # validate before any work
+    out.mkdir(parents=True, exist_ok=True)
     phases["load model"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     train_ds = default_token_dataset(model.tokenizer, args.context_size, n_tokens=args.capture_tokens, split="train")
-    eval_ds = default_token_dataset(
-        model.tokenizer, args.context_size, n_tokens=args.eval_batches * 8 * args.context_size, split="eval"
-    )
+    eval_ds = default_token_dataset(model.tokenizer, args.context_size, n_tokens=args.eval_tokens, split="eval")
     safe_hook = args.hook.replace(".", "_")
     cache = capture_activations(
         model,
         train_ds,
         args.hook,
-        out / "activations" / f"{DEFAULT_MODEL_NAME}_{safe_hook}_{args.context_size}_{len(train_ds)}",
+        Path(args.activations_dir or out / "activations")
+        / f"{DEFAULT_MODEL_NAME}_{safe_hook}_{args.context_size}_{len(train_ds)}",
         n_tokens=len(train_ds) * args.context_size,
         model_name=DEFAULT_MODEL_NAME,
     )
@@ -221,26 +245,19 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         t = time.perf_counter()
         sae_dir = out / "saes" / entry.name.replace("@", "_at_")
         train_on_cache(
-            configs[entry.name],
-            cache,
-            model,
-            train_ds,
-            sae_dir,
-            training_tokens=args.tokens,
-            train_batch_size_tokens=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
+            configs[entry.name], cache, model, train_ds, sae_dir,
+            training_tokens=args.tokens, train_batch_size_tokens=args.batch_size, lr=args.lr, seed=args.seed,
         )
         train_s = time.perf_counter() - t
         t = time.perf_counter()
         sae = SAE.load_from_disk(sae_dir)
-        metrics = evaluate_sae(sae, model, eval_ds, n_batches=args.eval_batches)
+        res = evaluate_sae(
+            sae, model, eval_ds, n_tokens=len(eval_ds) * args.context_size, out_dir=sae_dir / "eval",
+            splices=args.full_eval,
+        )
         phases[f"train {entry.name}"] = train_s
         phases[f"eval {entry.name}"] = time.perf_counter() - t
-        rows.append(
-            {"name": entry.name, "architecture": entry.architecture, "d_sae": sae.cfg.d_sae,
-             "train_seconds": train_s, "path": str(sae_dir), **metrics}
-        )
+        rows.append({**summarize(entry.name, entry.architecture, res), "train_seconds": train_s, "path": str(sae_dir)})
     phases["total"] = time.perf_counter() - t0
     report = {
         "model": DEFAULT_MODEL_NAME,
@@ -255,22 +272,22 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         "args": vars(args),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_r2_vs_l0(rows, out / "r2_vs_l0.png")
+    plot_report(rows, out / "report.png")
     table = markdown_table(rows)
     md = [
         f"# sae-ext demo — {DEFAULT_MODEL_NAME} `{args.hook}`",
         "",
-        f"{cache.n_tokens:,} captured tokens of Python-docs prose (trained {args.tokens:,} tokens per SAE), "
-        f"evaluated on {report['eval_tokens']:,} held-out tokens. CE without SAE: {report['ce_clean']:.4f}.",
+        f"{cache.n_tokens:,} captured tokens of Python-docs prose (each SAE trained on {args.tokens:,} tokens "
+        f"from them), evaluated on {report['eval_tokens']:,} held-out tokens. CE without SAE: {report['ce_clean']:.4f}.",
         "",
         table,
         "",
-        "![R² vs L0](r2_vs_l0.png)",
+        "![R² vs L0, dead/dense fractions, dark matter, bipolar census and group ranks](report.png)",
         "",
         "Phase wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()),
     ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print(f"\nCE without SAE: {report['ce_clean']:.4f}\n")
     print(table)
-    print(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, {out / 'r2_vs_l0.png'}")
+    print(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
     return rows

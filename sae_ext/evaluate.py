@@ -89,6 +89,7 @@ def evaluate_sae(
     fit_intercept: bool = False,
     seed: int = 0,
     pca_rank: int | None = None,
+    splices: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``sae`` spliced into ``model`` on the first ``n_tokens`` tokens (whole rows,
@@ -103,6 +104,8 @@ def evaluate_sae(
     the R²/FVU scores are test-split only. Returns a
     JSON-safe dict; with ``out_dir`` also writes ``eval.json``, ``eval.md`` and
     ``firing_rate_hist.png`` there. Everything is validated before any work.
+    ``splices=False`` skips the extra model passes (dark-matter CE splices, error-node and
+    scaffold ablations) and keeps ``run_evals``, dark-matter statistics and dictionary stats.
     """
     if not isinstance(n_tokens, int) or n_tokens < 2:
         raise ValueError(f"n_tokens must be an integer >= 2, got {n_tokens!r}")
@@ -153,30 +156,34 @@ def evaluate_sae(
     bar.update()
 
     step("dark-matter CE")
-    dm_ce = dark_matter_ce(
-        model, sae, toks, dm.W, hook_name=hook, batch_size=batch_size, progress=progress
+    dm_ce = (
+        dark_matter_ce(model, sae, toks, dm.W, hook_name=hook, batch_size=batch_size, progress=progress)
+        if splices
+        else None
     )
     bar.update()
 
     step("error node")
-    err_zero = error_node_ablation(
-        model, sae, toks, "zero", hook_name=hook, batch_size=batch_size, progress=progress
-    )
-    err_mean = error_node_ablation(
-        model,
-        sae,
-        toks,
-        "mean",
-        hook_name=hook,
-        mean_error=dm_acc.mean_error(),
-        batch_size=batch_size,
-        progress=progress,
-    )
+    err: dict[str, Any] | None = None
+    if splices:
+        err = {
+            mode: error_node_ablation(
+                model,
+                sae,
+                toks,
+                mode,
+                hook_name=hook,
+                mean_error=dm_acc.mean_error() if mode == "mean" else None,
+                batch_size=batch_size,
+                progress=progress,
+            ).to_dict()
+            for mode in ("zero", "mean")
+        }
     bar.update()
 
     step("scaffold")
     scaffold: dict[str, Any] | None = None
-    if has_scaffold:
+    if has_scaffold and splices:
         abl = ablate_hook(
             model,
             sae,
@@ -213,9 +220,9 @@ def evaluate_sae(
         "context_size": int(toks.shape[1]),
         "run_evals": run_evals_metrics,
         "dark_matter": dm.to_dict(),
-        "dark_matter_ce": dm_ce.to_dict(),
+        "dark_matter_ce": dm_ce.to_dict() if dm_ce is not None else None,
         "dictionary": stats.to_dict(),
-        "error_node_ablation": {"zero": err_zero.to_dict(), "mean": err_mean.to_dict()},
+        "error_node_ablation": err,
         "scaffold": scaffold,
     }
     result = _json_safe(result)
@@ -252,7 +259,7 @@ def _markdown(res: dict[str, Any]) -> str:
     ev, dm, dmc, dic = (
         res["run_evals"],
         res["dark_matter"],
-        res["dark_matter_ce"],
+        res["dark_matter_ce"] or {},
         res["dictionary"],
     )
     out = [
@@ -331,8 +338,10 @@ def _markdown(res: dict[str, Any]) -> str:
             ),
             "",
         ]
-    out += ["## Error-node ablation", ""]
     rows: list[tuple[str, Any]] = []
+    if res["error_node_ablation"] is None:
+        return "\n".join(out) + "\n"
+    out += ["## Error-node ablation", ""]
     for mode in ("zero", "mean"):
         e = res["error_node_ablation"][mode]
         rows += [

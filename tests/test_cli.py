@@ -23,18 +23,25 @@ def test_python_dash_m_is_the_cli() -> None:
 
 
 def test_demo_on_a_tiny_budget_writes_the_report(tmp_path: Path, capsys) -> None:
-    args = ["demo", "--capture-tokens", "1024", "--tokens", "2048", "--width", "64", "--k", "8",
-            "--eval-batches", "1", "--batch-size", "256", "--out", str(tmp_path)]
+    args = ["demo", "--capture-tokens", "1024", "--tokens", "2048", "--width", "64", "--k", "8", "--eval-tokens", "256",
+            "--batch-size", "256", "--out", str(tmp_path)]
     main(args)
     report = json.loads((tmp_path / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    assert {"gated@2H", "batchtopk"} <= set(names)
+    assert {"gated@2H", "batchtopk", "sign_aware_gated@H", "scaffold_batchtopk", "topk", "sasa"} == set(names)
     for row in report["rows"]:
         assert 0 <= row["dead_fraction"] <= 1
         assert row["ce_sae"] > 0 and row["ce_clean"] > 0
     assert (tmp_path / "report.md").read_text().count("|") > 20
-    assert (tmp_path / "r2_vs_l0.png").stat().st_size > 1000
+    assert (tmp_path / "report.png").stat().st_size > 1000
     assert "CE without SAE" in capsys.readouterr().out
+    # `sae-ext eval` on a trained plugin SAE, with every splice, on the embedded model
+    sasa = next(r for r in report["rows"] if r["name"] == "sasa")
+    main(["eval", sasa["path"], "--tokens", "256", "--out", str(tmp_path / "eval")])
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["sae"]["architecture"] == "sasa"
+    zero = evaluated["error_node_ablation"]["zero"]
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_clean"], abs=1e-3)
 
 
 def test_demo_rejects_bad_arguments_before_work(tmp_path: Path) -> None:

@@ -172,3 +172,14 @@ def test_out_dir_default_is_inside_sae_dir():
     parser = add_eval_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["some/sae", "--out", "x", "--hook", HOOK])
     assert args.out == Path("x") and args.hook == HOOK and args.tokens > 0
+
+
+def test_evaluate_without_splices_skips_the_extra_model_passes(model, tmp_path):
+    full = evaluate_sae(_sae(), model, random_token_dataset(), n_tokens=N_TOKENS, progress=False)
+    light = evaluate_sae(
+        _sae(), model, random_token_dataset(), n_tokens=N_TOKENS, out_dir=tmp_path, splices=False,
+        progress=False,
+    )
+    assert light["error_node_ablation"] is None and light["dark_matter_ce"] is None
+    assert light["dark_matter"] == full["dark_matter"] and light["run_evals"] == full["run_evals"]
+    assert "Error-node ablation" not in (tmp_path / "eval.md").read_text()

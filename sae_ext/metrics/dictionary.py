@@ -102,6 +102,8 @@ class DictionaryStats:
         if self.positive_share is not None:
             ps = self.positive_share[~torch.isnan(self.positive_share)]
             out["mean_positive_share"] = float(ps.mean().item()) if ps.numel() else None
+            # bipolar census: how many alive latents fire positive on each 10 % share of firings
+            out["positive_share_hist"] = torch.histc(ps.float(), bins=10, min=0.0, max=1.0).long().tolist()
         if self.group_rank is not None:
             assert self.group_stable_rank is not None and self.group_rank90 is not None
             sr = self.group_stable_rank[~torch.isnan(self.group_stable_rank)]

@@ -1,0 +1,103 @@
+"""The seeds' claims on real activations: SmolLM2-135M (the embedded default model).
+
+Runs the demo's pipeline (one capture per hook, every architecture beside its SAELens sibling,
+SAELens ``run_evals`` + dark matter + dictionary stats, and with ``--full-eval`` the dark-matter
+CE splices, error-node ablation and the scaffold-vs-PCA ablation) for each hook and seed, plus
+SASA at a fraction of the token budget, and aggregates mean ± sd per hook into
+``benchmarks/results/smollm2.{json,md}``.
+
+    python benchmarks/bench_smollm2.py                                   # resid_post, 1 seed
+    python benchmarks/bench_smollm2.py --hooks blocks.15.hook_resid_mid blocks.15.hook_mlp_out \\
+        blocks.15.hook_attn_out --seeds 0 1 2                            # the full grid (hours on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from sae_ext.demo import add_demo_arguments, run_demo
+
+RESULTS = Path(__file__).parent / "results"
+METRICS = [
+    "l0", "explained_variance", "dead_fraction", "dense_fraction", "bipolar_fraction", "ce_sae",
+    "ce_loss_recovered", "kl_score", "error_r2", "norm_r2", "fvu", "nonlinear_fvu", "ce_sae_linear",
+    "ce_sae_nonlinear", "mean_group_stable_rank", "scaffold_ce_ratio", "pca_removal_ce_ratio",
+]
+
+
+def demo_args(**overrides: Any) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_demo_arguments(p)
+    args = p.parse_args([])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt(m: float | None, s: float | None) -> str:
+    return "–" if m is None else f"{m:.4g} ± {s:.2g}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hooks", nargs="+", default=["blocks.15.hook_resid_post"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--capture-tokens", type=int, default=60_000)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--half-budget", type=float, default=0.5, help="SASA token fraction (paper: ~½)")
+    p.add_argument("--no-full-eval", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for hook in args.hooks:
+        for seed in args.seeds:
+            common = dict(hook=hook, seed=seed, capture_tokens=args.capture_tokens, eval_tokens=args.eval_tokens,
+                          width=args.width, k=args.k, full_eval=not args.no_full_eval,
+                          activations_dir=str(args.out / "activations"))
+            rows = run_demo(demo_args(tokens=args.tokens, out=str(args.out / hook / f"seed{seed}"), **common))
+            rows += [
+                {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
+                for r in run_demo(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
+                                            out=str(args.out / hook / f"seed{seed}_sasa_half"), **common))
+            ]
+            for r in rows:
+                runs.setdefault(hook, {}).setdefault(r["name"], []).append(r)
+    summary = {
+        hook: {name: {m: mean_sd([r.get(m) for r in rs]) for m in METRICS} for name, rs in by_name.items()}
+        for hook, by_name in runs.items()
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "smollm2.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs,
+         "wall_seconds": time.perf_counter() - t0}, indent=2, default=str))
+    cols = ["l0", "explained_variance", "dead_fraction", "dense_fraction", "bipolar_fraction", "ce_loss_recovered",
+            "error_r2", "norm_r2", "nonlinear_fvu", "scaffold_ce_ratio", "pca_removal_ce_ratio"]
+    md = [f"# SmolLM2-135M results (seeds {args.seeds}, {args.tokens:,} training tokens per SAE)", ""]
+    for hook, by_name in summary.items():
+        md += [f"## `{hook}`", "", "| SAE | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        md += ["| " + name + " | " + " | ".join(fmt(*stats[c]) for c in cols) + " |" for name, stats in by_name.items()]
+        md.append("")
+    md.append(f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_smollm2.py "
+              f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens}`")
+    (RESULTS / "smollm2.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
