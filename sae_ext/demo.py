@@ -178,10 +178,10 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE (default 200k)")
+    p.add_argument("--tokens", type=int, default=150_000, help="training tokens per SAE (default 150k)")
     p.add_argument("--capture-tokens", type=int, default=60_000,
                    help="activations captured once and reused by every SAE (default 60k)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the evaluation")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the evaluation")
     p.add_argument("--full-eval", action="store_true",
                    help="also the dark-matter CE splices, error-node and scaffold ablations (more model passes)")
     p.add_argument("--hook", default=DEFAULT_HOOK, help=f"TransformerLens hook (default {DEFAULT_HOOK})")
