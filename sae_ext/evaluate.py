@@ -41,6 +41,16 @@ SCAFFOLD_HOOK = "hook_scaffold"
 DEFAULT_EVAL_TOKENS = 32_768
 
 
+def _special_token_ids(model: Any) -> list[int]:
+    """Special-token ids (BOS/EOS/PAD…) of the model's tokenizer: the statistics skip them, as
+    SAELens's ``run_evals`` does, because e.g. BOS residuals have outlier norms that would
+    dominate every sum of squares."""
+    from sae_lens.util import get_special_token_ids
+
+    tokenizer = getattr(model, "tokenizer", None)
+    return sorted(get_special_token_ids(tokenizer)) if tokenizer is not None else []
+
+
 def _json_safe(obj: Any) -> Any:
     """Plain JSON types; NaN/Inf become ``None`` (strict JSON has no NaN)."""
     if isinstance(obj, dict):
@@ -144,6 +154,7 @@ def evaluate_sae(
         toks,
         batch_size=batch_size,
         head_index=sae.cfg.metadata.hook_head_index,
+        exclude_tokens=_special_token_ids(model),
         progress=progress,
     ):
         feats, out = encode_decode(sae, x)

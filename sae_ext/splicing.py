@@ -606,11 +606,15 @@ def iter_activations(
     *,
     batch_size: int = 8,
     head_index: int | None = None,
+    exclude_tokens: Iterable[int] | None = None,
     progress: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the activations at ``hook_name`` as flat ``[batch·pos, d]`` float tensors, batch by
-    batch (head dimensions flattened, or one head with ``head_index``)."""
+    batch (head dimensions flattened, or one head with ``head_index``). Positions holding a token
+    in ``exclude_tokens`` (e.g. BOS, whose residual norm is an outlier) are dropped, as SAELens's
+    ``run_evals`` does with ``exclude_special_tokens``."""
     toks = _check_tokens(model, tokens)
+    excluded = torch.tensor(sorted(set(exclude_tokens or ())), dtype=torch.long)
     hook = resolve_hook_name(model, hook_name)
     for b in tqdm(
         _batches(toks, batch_size), desc="activations", leave=False, disable=not progress
@@ -625,8 +629,10 @@ def iter_activations(
             model.run_with_hooks(b.to(_input_device(model)), fwd_hooks=[(hook, grab)])
         if not got:
             raise ValueError(f"hook {hook!r} did not fire during a forward pass of the model")
-        act = got[0]
-        yield act.reshape(-1, act.shape[-1]).float()
+        act = got[0].reshape(-1, got[0].shape[-1]).float()
+        if excluded.numel():
+            act = act[~torch.isin(b.reshape(-1), excluded).to(act.device)]
+        yield act
 
 
 @torch.no_grad()

@@ -346,3 +346,13 @@ def test_as_token_tensor_sources():
         as_token_tensor(ds, n_tokens=81)
     with pytest.raises(ValueError, match="needs an 'input_ids' or 'tokens' column"):
         as_token_tensor(ds.rename_column("input_ids", "ids"))
+
+
+def test_iter_activations_drops_excluded_token_positions(tiny_sae_model) -> None:
+    toks = torch.tensor([[5, 1, 2, 5], [3, 5, 4, 6]])
+    full = torch.cat(list(iter_activations(tiny_sae_model, "blocks.0.hook_resid_post", toks)))
+    kept = torch.cat(
+        list(iter_activations(tiny_sae_model, "blocks.0.hook_resid_post", toks, exclude_tokens=[5]))
+    )
+    assert full.shape[0] == 8 and kept.shape[0] == 5
+    torch.testing.assert_close(kept, full[(toks.reshape(-1) != 5)])
