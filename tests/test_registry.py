@@ -1,11 +1,11 @@
-import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-import sae_ext
 from sae_ext import registry
 
 
@@ -18,13 +18,23 @@ def test_every_plugin_architecture_is_registered_for_training_and_inference() ->
 
 
 def test_import_twice_and_reload_do_not_raise() -> None:
-    before = dict(SAE_TRAINING_CLASS_REGISTRY)
-    importlib.import_module("sae_ext")
-    importlib.reload(sae_ext)
-    for mod in list(registry.PLUGIN_TRAINING_ARCHITECTURES):
-        module = importlib.import_module(SAE_TRAINING_CLASS_REGISTRY[mod][0].__module__)
-        importlib.reload(module)
-    assert set(SAE_TRAINING_CLASS_REGISTRY) == set(before)
+    # in a subprocess: reloading replaces the class objects, which would leak into other tests
+    code = """
+import importlib
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+import sae_ext
+from sae_ext import registry
+before = set(SAE_TRAINING_CLASS_REGISTRY)
+importlib.import_module("sae_ext")
+importlib.reload(sae_ext)
+for arch in list(registry.PLUGIN_TRAINING_ARCHITECTURES):
+    importlib.reload(importlib.import_module(SAE_TRAINING_CLASS_REGISTRY[arch][0].__module__))
+assert set(SAE_TRAINING_CLASS_REGISTRY) == before
+print("ok", len(registry.PLUGIN_TRAINING_ARCHITECTURES))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok 4")
 
 
 def test_name_owned_by_someone_else_is_refused() -> None:

@@ -64,6 +64,7 @@ from sae_ext.metrics.groups import (
     stable_rank,
 )
 from sae_ext.registry import register_inference, register_training
+from sae_ext.validation import check_sae_input, check_training_input
 
 ARCHITECTURE = "sasa"
 #: Default rank r of every group. 4 covers the intrinsic dimensions of circles/spheres
@@ -151,12 +152,16 @@ class _SASAGroupMixin:
     d_head: Any
     run_time_activation_norm_fn_out: Any
     reshape_fn_out: Any
-    process_sae_in: Any
 
     @property
     def n_groups(self) -> int:
         """Number of groups ``K = d_sae / group_rank``."""
         return self.cfg.d_sae // self.cfg.group_rank
+
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's input processing after the width (and opt-in NaN/Inf) check of ``sae_in``."""
+        check_sae_input(self, sae_in)
+        return super().process_sae_in(sae_in)  # type: ignore[misc]
 
     def _decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=-1).clamp(min=1e-8)
@@ -429,6 +434,7 @@ class SASATrainingSAE(_SASAGroupMixin, TrainingSAE[SASATrainingSAEConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One SASA step; renormalises the stored decoder first (a function-preserving fold)."""
+        check_training_input(self, step_input)  # before the fold changes anything
         if self.cfg.rescale_acts_by_decoder_norm:
             self.fold_and_get_W_dec_norm()
         output = super().training_forward_pass(step_input)

@@ -51,6 +51,13 @@ from typing_extensions import override
 
 from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts, pca_directions
 from sae_ext.registry import register_inference, register_training
+from sae_ext.validation import (
+    check_matryoshka_widths,
+    check_sae_input,
+    check_topk_k,
+    check_training_input,
+    check_unit_interval,
+)
 
 ScaffoldInit = Literal["pca", "random"]
 ScaffoldEncoderInput = Literal["full", "residual"]
@@ -83,6 +90,9 @@ def _validate_scaffold_cfg(cfg: Any, *, training: bool) -> None:
         raise ValueError(
             f"scaffold_init must be one of {SCAFFOLD_INITS}; got {cfg.scaffold_init!r}"
         )
+    if training:  # SAELens's BatchTopK configs check neither (k > d_sae fails deep in topk)
+        check_topk_k(cfg.k, cfg.d_sae)
+        check_unit_interval("topk_threshold_lr", cfg.topk_threshold_lr)
 
 
 @dataclass
@@ -169,12 +179,14 @@ class ScaffoldMatryoshkaBatchTopKTrainingSAEConfig(
     (level m: ``b_dec + s + Σ_{latents < width_m} f W_dec``), so each level only has to explain
     what the scaffold leaves over.
 
-    ``matryoshka_widths`` follows SAELens (non-empty, positive, strictly increasing, ``d_sae``
-    appended with a warning if missing), except that an empty list — SAELens's default, which
-    SAELens rejects — is replaced by ``default_matryoshka_widths(d_sae)`` so the defaults
-    train as they are. Run-time ``normalize_activations`` of ``"constant_norm_rescale"`` and
-    ``"layer_norm"`` are refused: SAELens's Matryoshka re-applies the output normalisation
-    once per level, which those stateful normalisations do not support.
+    ``matryoshka_widths``: positive integers, strictly increasing, ending at ``d_sae``, checked
+    here with an error naming the widths (SAELens checks only at SAE construction, without
+    naming them, and appends a missing ``d_sae`` with a warning; here that is an error). An
+    empty list — SAELens's default, which SAELens rejects — is replaced by
+    ``default_matryoshka_widths(d_sae)`` so the defaults train as they are. Run-time
+    ``normalize_activations`` of ``"constant_norm_rescale"`` and ``"layer_norm"`` are
+    refused: SAELens's Matryoshka re-applies the output normalisation once per level, which
+    those stateful normalisations do not support.
     """
 
     @override
@@ -196,6 +208,7 @@ class ScaffoldMatryoshkaBatchTopKTrainingSAEConfig(
             )
         if not self.matryoshka_widths:
             self.matryoshka_widths = default_matryoshka_widths(self.d_sae)
+        check_matryoshka_widths(self.matryoshka_widths, self.d_sae)
         super().__post_init__()
 
 
@@ -241,7 +254,11 @@ class _ScaffoldCore:
         else:
             v = torch.zeros(d, r, dtype=self.dtype)
         self.scaffold_V = nn.Parameter(v.to(self.device).contiguous())
-        self.scaffold_U = nn.Parameter(v.T.to(self.device).contiguous())
+        # a copy: at rank 1, v.T is already contiguous, so U would share V's storage (coupled
+        # optimizer updates, and safetensors refuses to save shared tensors)
+        self.scaffold_U = nn.Parameter(
+            v.T.to(self.device).clone(memory_format=torch.contiguous_format)
+        )
 
     def scaffold_map(self, x_tilde: torch.Tensor) -> torch.Tensor:
         """The scaffold ``s = (x̃ V) U`` of an already-processed input ``x̃`` ``[..., d_in]``."""
@@ -252,6 +269,7 @@ class _ScaffoldCore:
 
         Returns the encoder's input: ``x̃`` (``"full"``) or ``x̃ − s`` (``"residual"``).
         """
+        check_sae_input(self, sae_in)  # width (always), NaN/Inf (opt-in): sae_ext.validation
         x_tilde = super().process_sae_in(sae_in)  # type: ignore[misc]
         s = self.scaffold_map(x_tilde)
         self._pending_scaffold = s
@@ -279,6 +297,7 @@ class _ScaffoldCore:
 
         In the SAE's processed input space (after any run-time normalisation).
         """
+        check_sae_input(self, x)
         x_tilde = super().process_sae_in(x)  # type: ignore[misc]
         return self.scaffold_map(x_tilde)
 
@@ -373,20 +392,24 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         dimensions, centred over tokens) — the part of the reconstruction the scaffold carries
         (s and the sparse part may correlate, so shares need not add up to 1).
       - ``dense_latent_fraction``: fraction of latents firing on > 10 % of the tokens seen
-        since the last logging step. A small running counter (plain tensors, not in the
-        state dict) accumulates every training step and is reset after each step with
-        ``is_logging_step``; ``dense_latent_fraction_batch`` is the same on this batch alone.
+        since the last logging step. A running counter (int64 buffers ``dense_window_counts``
+        and ``dense_window_tokens``) accumulates every training step and is reset after each
+        step with ``is_logging_step``; ``dense_latent_fraction_batch`` is the same on this
+        batch alone. The counter is saved in training checkpoints (so a resumed run logs what
+        an uninterrupted one would) and dropped from the inference SAE.
+
+    Training checkpoints written before the counter existed still load (it starts at zero).
     """
 
     scaffold_initialized: torch.Tensor  # bool scalar buffer (saved in training checkpoints)
+    dense_window_counts: torch.Tensor  # int64 [d_sae] buffer (saved in training checkpoints)
+    dense_window_tokens: torch.Tensor  # int64 scalar buffer (saved in training checkpoints)
 
     def __init__(self, cfg: Any, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
         self._init_scaffold_hook()
         self._record_scaffold = False
         self._last_scaffold: torch.Tensor | None = None
-        self._window_counts: torch.Tensor | None = None
-        self._window_tokens = 0
 
     def initialize_weights(self) -> None:
         super().initialize_weights()  # type: ignore[misc]
@@ -395,6 +418,14 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
             "scaffold_initialized",
             torch.tensor(self.cfg.scaffold_init != "pca", device=self.device),
         )
+        # integer counts: ``.to(dtype)`` leaves them alone, so bf16 SAEs still count exactly
+        self.register_buffer(  # type: ignore[attr-defined]
+            "dense_window_counts",
+            torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=self.device),
+        )
+        self.register_buffer(  # type: ignore[attr-defined]
+            "dense_window_tokens", torch.zeros((), dtype=torch.int64, device=self.device)
+        )
 
     @torch.no_grad()
     def init_scaffold_from_batch(self, sae_in: torch.Tensor) -> None:
@@ -402,6 +433,12 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         x = self.run_time_activation_norm_fn_in(sae_in.to(self.dtype))  # type: ignore[attr-defined]
         x = x.reshape(-1, self.cfg.d_in)
         r = self.cfg.scaffold_rank
+        if x.shape[0] < 2:
+            raise ValueError(
+                "scaffold_init='pca' takes the principal directions of the first training batch, "
+                f"which needs at least 2 tokens; got {x.shape[0]}. Use a larger batch or "
+                "scaffold_init='random'"
+            )
         if x.shape[0] <= r:
             warnings.warn(
                 f"PCA scaffold init from a batch of {x.shape[0]} tokens <= scaffold_rank = {r}: "
@@ -429,6 +466,7 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         return self.reshape_fn_out(sae_out_pre, self.d_head)  # type: ignore[attr-defined]
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        check_training_input(self, step_input)  # before the PCA init can see a bad batch
         if not bool(self.scaffold_initialized):
             self.init_scaffold_from_batch(step_input.sae_in)
         self._record_scaffold = True
@@ -454,23 +492,41 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
             metrics["scaffold_variance_share"] = (var_s / var_recon.clamp(min=1e-12)).item()
         counts = firing_counts(output.feature_acts.detach())
         n_batch = output.feature_acts.shape[:-1].numel()
-        if self._window_counts is None or self._window_counts.device != counts.device:
-            self._window_counts = torch.zeros_like(counts)
-            self._window_tokens = 0
-        self._window_counts += counts
-        self._window_tokens += n_batch
+        self.dense_window_counts += counts.to(self.dense_window_counts)
+        self.dense_window_tokens += n_batch
         metrics["dense_latent_fraction_batch"] = dense_fraction(counts, n_batch, DENSE_THRESHOLD)
         metrics["dense_latent_fraction"] = dense_fraction(
-            self._window_counts, self._window_tokens, DENSE_THRESHOLD
+            self.dense_window_counts.double(), int(self.dense_window_tokens), DENSE_THRESHOLD
         )
         if is_logging_step:
-            self._window_counts = torch.zeros_like(counts)
-            self._window_tokens = 0
+            self.dense_window_counts.zero_()
+            self.dense_window_tokens.zero_()
         return metrics
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Restore the buffers' dtypes (SAELens's disk loader casts every tensor to the SAE
+        dtype) and accept checkpoints written before the dense-window counter existed."""
+        super().process_state_dict_for_loading(state_dict)  # type: ignore[misc]
+        device = next(
+            (v.device for v in state_dict.values() if isinstance(v, torch.Tensor)), self.device
+        )
+        if "scaffold_initialized" in state_dict:
+            state_dict["scaffold_initialized"] = state_dict["scaffold_initialized"].to(torch.bool)
+        for name, shape in (
+            ("dense_window_counts", (self.cfg.d_sae,)),
+            ("dense_window_tokens", ()),
+        ):
+            value = state_dict.get(name)
+            if value is None:
+                value = torch.zeros(shape, dtype=torch.int64, device=device)
+            elif value.is_floating_point():
+                value = value.round()
+            state_dict[name] = value.to(torch.int64)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
-        state_dict.pop("scaffold_initialized", None)
+        for name in ("scaffold_initialized", "dense_window_counts", "dense_window_tokens"):
+            state_dict.pop(name, None)
 
 
 class ScaffoldBatchTopKTrainingSAE(_ScaffoldTrainingMixin, BatchTopKTrainingSAE):

@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from sae_ext.activations import bi_jump_relu, keep_thresholds_at_least_float32, two_sided_step
 from sae_ext.registry import register_inference, register_training
+from sae_ext.validation import check_sae_input, check_training_input
 
 ARCHITECTURE = "sign_aware_gated"
 
@@ -183,6 +184,7 @@ class _SignAwareGatedMixin:
 
     def _encode(self, x: torch.Tensor, gates: Gates) -> tuple[torch.Tensor, torch.Tensor]:
         """Signed latents f and the gate pre-activation π for input ``x``."""
+        check_sae_input(self, x)  # width (always), NaN/Inf (opt-in): sae_ext.validation
         sae_in = self.process_sae_in(x)
         mu = sae_in @ self.W_enc
         pi = self.hook_sae_acts_pre(mu + self.b_gate)
@@ -381,6 +383,7 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        check_training_input(self, step_input)  # before the threshold reset changes anything
         n_reset = self.reset_dead_thresholds(step_input.dead_neuron_mask)
         output = super().training_forward_pass(step_input)
         output.metrics.update(self._firing_metrics(output.feature_acts))

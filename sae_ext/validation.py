@@ -1,0 +1,219 @@
+"""Input and config checks shared by the plugin SAEs: one clear error, before any work.
+
+Activation checks (called by every plugin SAE):
+
+- **Width.** ``encode`` (through ``process_sae_in``) and ``training_forward_pass`` raise a
+  ``ValueError`` naming the expected ``d_in`` and the shape received, instead of a matmul
+  shape error from deep inside the encoder. Always on: it is one integer comparison.
+- **NaN / Inf in training.** ``training_forward_pass`` raises a ``ValueError`` naming the
+  training step (``step_input.n_training_steps``) and how many values are NaN / Inf, before
+  any state changes (no scaffold PCA initialisation, no threshold reset, no decoder fold, no
+  optimizer step). Always on: one reduction per step, small beside the step itself (on an
+  accelerator it also synchronises once per step).
+- **NaN / Inf at inference.** Opt-in, so that the inference hot path (splices, evals) does not
+  pay a device synchronisation per call. Turn it on for the whole process or for a block::
+
+      from sae_ext.validation import check_finite_inputs
+
+      check_finite_inputs(True)          # from now on
+      with check_finite_inputs():        # only inside the block, then the previous setting
+          sae.encode(x)
+
+  The switch is process-wide (not per thread) and off by default.
+
+Config checks used by the architecture configs live here too (``check_topk_k``,
+``check_unit_interval``, ``check_matryoshka_widths``).
+"""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_finite_inputs",
+    "check_input_width",
+    "check_matryoshka_widths",
+    "check_sae_input",
+    "check_topk_k",
+    "check_training_input",
+    "check_unit_interval",
+    "finite_input_checks_enabled",
+    "input_width",
+]
+
+
+class _Switch:
+    """Holder of the process-wide inference finite-check flag."""
+
+    enabled: bool = False
+
+
+class check_finite_inputs:
+    """Turn the inference NaN/Inf check of plugin SAE inputs on (default) or off.
+
+    A class used like a function (as ``torch.set_grad_enabled``): the setting takes effect
+    immediately, so ``check_finite_inputs(True)`` is a plain call; used as a context manager
+    it restores the previous setting on exit.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool; got {enabled!r}")
+        self.previous = _Switch.enabled
+        _Switch.enabled = enabled
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _Switch.enabled = self.previous
+
+
+def finite_input_checks_enabled() -> bool:
+    """Whether plugin SAEs check their inference inputs for NaN/Inf (see :class:`check_finite_inputs`)."""
+    return _Switch.enabled
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _arch(sae: Any) -> str:
+    try:
+        return str(sae.cfg.architecture())
+    except Exception:  # only used to word a message
+        return type(sae).__name__
+
+
+def input_width(sae: Any, x: torch.Tensor) -> int:
+    """The width ``x`` has once SAELens's input reshaping ran (``hook_z``: ``n_heads·d_head``)."""
+    if x.dim() == 0:
+        return 0
+    if getattr(sae, "hook_z_reshaping_mode", False) and x.dim() >= 2:
+        return int(x.shape[-2] * x.shape[-1])
+    return int(x.shape[-1])
+
+
+def check_input_width(sae: Any, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the activations ``x`` have the SAE's input width ``cfg.d_in``."""
+    d_in = int(sae.cfg.d_in)
+    if input_width(sae, x) == d_in:
+        return
+    if getattr(sae, "hook_z_reshaping_mode", False):
+        expected = f"[..., n_heads, d_head] with n_heads·d_head = d_in = {d_in}"
+    else:
+        expected = f"[..., d_in] with d_in = {d_in}"
+    raise ValueError(
+        f"wrong activation width for this {_arch(sae)} SAE: expected {expected}; "
+        f"got shape {tuple(x.shape)}. Is the SAE meant for another hook point or model?"
+    )
+
+
+def _non_finite_summary(x: torch.Tensor) -> str | None:
+    """``None`` when every value of ``x`` is finite, else ``"n of N values are NaN or Inf (…)"``."""
+    if not x.is_floating_point() and not x.is_complex():
+        return None
+    if bool(torch.isfinite(x).all()):
+        return None
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    return (
+        f"{n_nan + n_inf} of {x.numel()} values are NaN or Inf "
+        f"({n_nan} NaN, {n_inf} Inf; shape {tuple(x.shape)}, dtype {x.dtype})"
+    )
+
+
+def check_sae_input(sae: Any, x: torch.Tensor) -> None:
+    """The checks every plugin SAE runs on the raw input of ``encode``.
+
+    Width always; NaN/Inf only while :func:`finite_input_checks_enabled`.
+    """
+    check_input_width(sae, x)
+    if _Switch.enabled:
+        summary = _non_finite_summary(x)
+        if summary is not None:
+            raise ValueError(
+                f"non-finite input to this {_arch(sae)} SAE: {summary} "
+                "(checked because sae_ext.validation.check_finite_inputs is on)"
+            )
+
+
+def check_training_input(sae: Any, step_input: Any) -> None:
+    """The checks every plugin SAE runs first in ``training_forward_pass``: width and NaN/Inf.
+
+    Raises before the step changes anything, so the weights and the optimizer state are those
+    of the last good step.
+    """
+    x = step_input.sae_in
+    check_input_width(sae, x)
+    summary = _non_finite_summary(x)
+    if summary is not None:
+        raise ValueError(
+            f"non-finite training activations at training step {step_input.n_training_steps} "
+            f"({_arch(sae)} SAE): {summary}. The step was not taken and no weights changed; "
+            "check the activation source (e.g. a float16 model overflowing) or the "
+            "activation normalisation"
+        )
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_topk_k(k: Any, d_sae: int, *, name: str = "k") -> None:
+    """``k`` (average active latents per token, BatchTopK) must be a number in ``(0, d_sae]``."""
+    if not _is_real(k) or not 0 < k <= d_sae:
+        raise ValueError(
+            f"{name} must be a number with 0 < {name} <= d_sae = {d_sae} "
+            f"(active latents per token); got {k!r}"
+        )
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """``value`` must be a finite number in ``[0, 1]`` (e.g. an EMA rate)."""
+    if not _is_real(value) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
+
+
+def check_matryoshka_widths(widths: Any, d_sae: int) -> None:
+    """Matryoshka level widths: positive integers, strictly increasing, the last equal to ``d_sae``.
+
+    SAELens itself appends ``d_sae`` with a warning and reports other problems only at SAE
+    construction without naming the widths; this check runs at config time and says what is
+    wrong and what is allowed.
+    """
+    allowed = (
+        f"a non-empty list of positive integers, strictly increasing, ending at d_sae = {d_sae} "
+        f"(e.g. {[w for w in (d_sae // 16, d_sae // 4) if w > 0] + [d_sae]})"
+    )
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise ValueError(f"matryoshka_widths must be {allowed}; got {widths!r}")
+    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+    if bad:
+        raise ValueError(
+            f"matryoshka_widths must be {allowed}; got {list(widths)} "
+            f"(not positive integers: {bad})"
+        )
+    pairs = [(a, b) for a, b in zip(widths[:-1], widths[1:]) if a >= b]
+    if pairs:
+        raise ValueError(
+            f"matryoshka_widths must be {allowed}; got {list(widths)} "
+            f"(not increasing at {pairs[0][0]} -> {pairs[0][1]})"
+        )
+    if widths[-1] != d_sae:
+        if widths[-1] < d_sae:
+            hint = f"append d_sae: {[*widths, d_sae]}"
+        else:
+            hint = f"widths larger than d_sae: {[w for w in widths if w > d_sae]}"
+        raise ValueError(f"matryoshka_widths must be {allowed}; got {list(widths)} ({hint})")
