@@ -233,6 +233,28 @@ class _SASAGroupMixin:
         """Singular values needed for 90 % of ``Σσ²`` of every group's block: ``(K,)`` long."""
         return rank90(self.group_decoder_blocks())
 
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Fold decoder row norms into the encoder; the group selection is unchanged because
+        codes are measured in units of unit-norm decoder rows."""
+        if not self.cfg.rescale_acts_by_decoder_norm:  # type: ignore[attr-defined]
+            raise NotImplementedError(
+                "fold_W_dec_norm would change the SASA group selection when "
+                "rescale_acts_by_decoder_norm is False (after fold_activation_whitening)"
+            )
+        super().fold_W_dec_norm()  # type: ignore[misc]
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        # Unwhitening changes the decoder geometry; folding the norms first makes the codes
+        # (hence the selection) independent of the decoder, as SAELens TopK does.
+        if self.cfg.rescale_acts_by_decoder_norm:  # type: ignore[attr-defined]
+            self.fold_W_dec_norm()
+            self.cfg.rescale_acts_by_decoder_norm = False  # type: ignore[attr-defined]
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+
 
 def _fold_norms_into_encoder(state: dict[str, torch.Tensor], norms: torch.Tensor) -> None:
     """Function-preserving fold on a state dict: ``W_dec/n``, ``W_enc·n``, ``b_enc·n`` (new tensors)."""
@@ -296,28 +318,6 @@ class SASASAE(_SASAGroupMixin, SAE[SASASAEConfig]):
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         return _SASAGroupMixin.decode(self, feature_acts)
-
-    @override
-    @torch.no_grad()
-    def fold_W_dec_norm(self) -> None:
-        if not self.cfg.rescale_acts_by_decoder_norm:
-            raise NotImplementedError(
-                "fold_W_dec_norm would change the SASA group selection when "
-                "rescale_acts_by_decoder_norm is False (after fold_activation_whitening)"
-            )
-        super().fold_W_dec_norm()
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        # Unwhitening changes the decoder geometry; folding the norms first makes the codes
-        # (hence the selection) independent of the decoder, as SAELens TopK does.
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.fold_W_dec_norm()
-            self.cfg.rescale_acts_by_decoder_norm = False
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
 
 
 @dataclass
@@ -514,26 +514,6 @@ class SASATrainingSAE(_SASAGroupMixin, TrainingSAE[SASATrainingSAEConfig]):
         recons = self.reshape_fn_out(aux_acts @ self.decoder_directions(), self.d_head)
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_k_coefficient * scale * loss
-
-    @override
-    @torch.no_grad()
-    def fold_W_dec_norm(self) -> None:
-        if not self.cfg.rescale_acts_by_decoder_norm:
-            raise NotImplementedError(
-                "fold_W_dec_norm would change the SASA group selection when "
-                "rescale_acts_by_decoder_norm is False (after fold_activation_whitening)"
-            )
-        super().fold_W_dec_norm()
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            self.fold_W_dec_norm()
-            self.cfg.rescale_acts_by_decoder_norm = False
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
