@@ -49,6 +49,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
+from sae_ext.activations import keep_thresholds_at_least_float32
 from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts, pca_directions
 from sae_ext.registry import register_inference, register_training
 from sae_ext.validation import (
@@ -365,6 +366,12 @@ class ScaffoldJumpReLUSAE(_ScaffoldCore, JumpReLUSAE):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         self._make_scaffold_params(random_frame=False)  # loaded from disk
+
+    @override
+    def _apply(self, *args: Any, **kwargs: Any) -> ScaffoldJumpReLUSAE:
+        """Keep the JumpReLU threshold in (at least) float32 when the SAE is cast to bf16/fp16."""
+        with keep_thresholds_at_least_float32(self, ("threshold",)):
+            return super()._apply(*args, **kwargs)
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:

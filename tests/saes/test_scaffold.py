@@ -452,3 +452,19 @@ def test_inference_model_reproduces_training_reconstruction(arch: str, tmp_path:
     # the learned scaffold sits on the dense ground-truth subspace
     cos = principal_angle_cosines(loaded.scaffold_subspace(), gen.dense_basis)
     assert cos.min().item() > 0.95
+
+
+def test_inference_threshold_stays_float32_in_a_bf16_sae(tmp_path) -> None:
+    from sae_lens import SAE
+    from sae_lens.registry import get_sae_training_class
+
+    from sae_ext.testing import small_training_config
+
+    sae = get_sae_training_class("scaffold_batchtopk")[0](small_training_config("scaffold_batchtopk"))
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path, dtype="bfloat16")
+    assert loaded.W_dec.dtype == torch.bfloat16
+    assert loaded.threshold.dtype == torch.float32
+    assert loaded.to(torch.bfloat16).threshold.dtype == torch.float32
+    out = loaded(torch.randn(4, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
