@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--half-budget", type=float, default=0.5, help="SASA token fraction (paper: ~½)")
     p.add_argument("--no-full-eval", action="store_true")
+    p.add_argument("--only", nargs="*", help="demo entries to train (default: all)")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -70,7 +71,8 @@ def main() -> None:
             common = dict(hook=hook, seed=seed, capture_tokens=args.capture_tokens, eval_tokens=args.eval_tokens,
                           width=args.width, k=args.k, full_eval=not args.no_full_eval,
                           activations_dir=str(args.out / "activations"))
-            rows = run_demo(demo_args(tokens=args.tokens, out=str(args.out / hook / f"seed{seed}"), **common))
+            rows = run_demo(demo_args(tokens=args.tokens, only=args.only, out=str(args.out / hook / f"seed{seed}"),
+                                      **common))
             rows += [
                 {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
                 for r in run_demo(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
@@ -94,7 +96,9 @@ def main() -> None:
         md += ["| " + name + " | " + " | ".join(fmt(*stats[c]) for c in cols) + " |" for name, stats in by_name.items()]
         md.append("")
     md.append(f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_smollm2.py "
-              f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens}`")
+              f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "
+              f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens}"
+              + (f" --only {' '.join(args.only)}`" if args.only else "`"))
     (RESULTS / "smollm2.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
