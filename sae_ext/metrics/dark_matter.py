@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,6 +299,10 @@ def _r2(ss_res: torch.Tensor, ss_tot: torch.Tensor, sum_sq: torch.Tensor) -> tor
     return torch.where(valid, out, torch.full_like(out, float("nan")))
 
 
+#: below this many train tokens per regression parameter, the fitted map overfits (warned)
+MIN_TRAIN_PER_PARAMETER = 4
+
+
 class DarkMatterAccumulator:
     """One-pass accumulator of the dark-matter statistics; feed it ``(x, SAE(x))`` batches.
 
@@ -365,6 +370,14 @@ class DarkMatterAccumulator:
         assert self._train is not None and self._test is not None
         tr, te = self._train, self._test
         p = d + 1 if fit_intercept else d
+        if n_train < MIN_TRAIN_PER_PARAMETER * p:
+            warnings.warn(
+                f"dark matter: {n_train} train tokens for a {p}-parameter-per-output least-squares "
+                f"fit (fewer than {MIN_TRAIN_PER_PARAMETER}×{p}); W* will overfit and the test-split "
+                "R² can be negative — pass more activations",
+                UserWarning,
+                stacklevel=2,
+            )
         a = tr.xx[:p, :p]
         mean_diag = float(torch.diagonal(tr.xx)[:d].mean().item())
         ridge_abs = ridge * mean_diag if mean_diag > 0 else ridge

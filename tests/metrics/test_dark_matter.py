@@ -224,3 +224,15 @@ def test_error_norms_across_saes(make_standard_sae):
     res = error_norm_predictability(ni, nj)
     assert res.r2 == pytest.approx(1.0, abs=1e-6)
     assert res.slope == pytest.approx(2.0, rel=1e-4)
+
+
+def test_too_few_train_tokens_for_the_fit_warns(make_standard_sae):
+    A = torch.randn(D, D, generator=torch.Generator().manual_seed(1)) * 0.3
+    sae = _linear_error_sae(make_standard_sae, A)
+    with pytest.warns(UserWarning, match="overfit"):
+        dark_matter(sae, _x(n=40), progress=False)  # ~20 train tokens for 8 parameters per output
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dark_matter(sae, _x(), progress=False)  # 3000 train tokens: no warning
