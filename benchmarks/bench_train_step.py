@@ -188,7 +188,9 @@ def main() -> None:
         x = torch.randn(batch, d_in)
         for _ in range(3):
             s.step(x)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        # VmHWM (peak RSS of this exec'd image); ru_maxrss would include the forking parent's peak
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        print(int(hwm.split()[1]))
         return
     d_in, d_sae, batch, k = (576, 4608, 4096, 64) if not args.quick else (64, 512, 512, 16)
     reps = args.reps if not args.quick else 3
