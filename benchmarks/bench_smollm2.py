@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--no-full-eval", action="store_true")
     p.add_argument("--only", nargs="*", help="demo entries to train (default: all)")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))
+    p.add_argument("--tag", default="smollm2", help="results go to benchmarks/results/TAG.{json,md}")
     args = p.parse_args()
     t0 = time.perf_counter()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -85,7 +86,7 @@ def main() -> None:
         for hook, by_name in runs.items()
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "smollm2.json").write_text(json.dumps(
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs,
          "wall_seconds": time.perf_counter() - t0}, indent=2, default=str))
     cols = ["l0", "explained_variance", "dead_fraction", "dense_fraction", "bipolar_fraction", "ce_loss_recovered",
@@ -97,9 +98,9 @@ def main() -> None:
         md.append("")
     md.append(f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_smollm2.py "
               f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "
-              f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens}"
+              f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens} --tag {args.tag}"
               + (f" --only {' '.join(args.only)}`" if args.only else "`"))
-    (RESULTS / "smollm2.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -6,7 +6,9 @@ the ratio to the sibling (measured in the same process, interleaved), achieved G
 against the measured sgemm rate of the same matmul shape (the floor), and peak RSS (each
 architecture in its own subprocess). Also: bf16 autocast and ``torch.compile`` loss curves
 against float32 eager, activation-capture tokens/s against the bare model forward, and the
-demo's phase wall times (from a demo ``report.json`` if given).
+demo's phase wall times (from a demo ``report.json`` if given). The step table is measured
+twice: with glibc's default allocator, then with :func:`sae_ext.perf.retain_freed_memory`
+(what ``sae-ext`` commands run with), each time for both arms in the same process.
 
     python benchmarks/bench_train_step.py                 # full table (~10 min on 2 cores)
     python benchmarks/bench_train_step.py --quick         # small shapes, a minute
@@ -30,6 +32,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainingSAE, TrainStepInput
 
 import sae_ext  # noqa: F401
+from sae_ext.perf import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -200,6 +203,9 @@ def main() -> None:
         "shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k},
     }
     res["steps"] = time_pairs(d_in, d_sae, batch, k, reps)
+    if retain_freed_memory():  # the allocator `sae-ext` runs with (sae_ext.perf); both arms alike
+        print("with glibc keeping freed memory (sae_ext.perf.retain_freed_memory):")
+        res["steps_retain_freed_memory"] = time_pairs(d_in, d_sae, batch, k, reps)
     res["peak_rss_mb"] = {}
     for arch, kw, sib, skw in pairs(d_sae, k):
         res["peak_rss_mb"][arch] = peak_rss_mb(arch, kw, d_in, d_sae, batch)

@@ -29,8 +29,10 @@ from torch import nn
 __all__ = [
     "BiJumpReLU",
     "BiJumpReLUFunction",
+    "SignAwareGatedCodeFunction",
     "TwoSidedStepFunction",
     "bi_jump_relu",
+    "sign_aware_gated_code",
     "two_sided_step",
 ]
 
@@ -228,3 +230,141 @@ def keep_thresholds_at_least_float32(module: nn.Module, names: tuple[str, ...]) 
         p = module._parameters.get(name)
         if p is not None and p.is_floating_point() and torch.finfo(p.dtype).bits < 32:
             p.data = old.to(device=p.device, dtype=torch.promote_types(old.dtype, torch.float32))
+
+
+class SignAwareGatedCodeFunction(torch.autograd.Function):
+    """SA-GSAE's whole elementwise encoder in one autograd node (SPEC §1), for training speed.
+
+    Given the shared projection ``μ``, the gate pre-activation ``π`` (= μ + b_gate, passed in
+    so it can go through ``hook_sae_acts_pre``), the magnitude bias and radii, the thresholds
+    (> 0) and the decoder-row norms ``n``, returns
+
+    - ``f = γ⁺ m⁺ − γ⁻ m⁻``: the signed code, computed as σ·ReLU(σ·e^ρ·μ + b_mag) with
+      σ = γ⁺ − γ⁻ ∈ {−1, 0, 1} (the gates are disjoint),
+    - ``g = BiJumpReLU(π)``: the gate-path code of the auxiliary reconstruction,
+    - ``l1 = Σ_i |g_i| n_i`` per token: the sparsity penalty before λ (|g| = σ·π).
+
+    The values and gradients are those of composing :func:`two_sided_step`, the two magnitude
+    ReLUs, :func:`bi_jump_relu` and ``|g| @ n`` with autograd (tested against that
+    composition). What it saves is work on the ``(batch, d_sae)`` tensors: on CPU each fresh
+    one costs more in page faults than the arithmetic, so the passes here run in place on
+    few buffers (the composition allocates about three times as many), and the
+    straight-through threshold terms are masked sums over one reused window buffer.
+    ``theta_neg=None`` closes the negative side; ``rho_neg`` may be the very tensor
+    ``rho_pos`` (tied radii), whose whole gradient is then returned in the first slot.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mu: torch.Tensor,
+        pi: torch.Tensor,
+        b_mag: torch.Tensor,
+        rho_pos: torch.Tensor,
+        rho_neg: torch.Tensor,
+        theta_pos: torch.Tensor,
+        theta_neg: torch.Tensor | None,
+        dec_norms: torch.Tensor,
+        bandwidth: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pic = pi.to(_compute_dtype(pi, theta_pos))
+        sigma = torch.empty_like(mu)
+        torch.gt(pic, theta_pos, out=sigma)  # 1.0 where γ⁺ is open
+        if theta_neg is not None:
+            sigma.masked_fill_(pic < -theta_neg, -1.0)  # γ⁻ (disjoint from γ⁺: θ± > 0)
+        tied = rho_neg is rho_pos or theta_neg is None
+        scale = _side_scale(sigma, rho_pos, None if tied else rho_neg)
+        f = torch.mul(mu, scale).mul_(sigma).add_(b_mag).relu_().mul_(sigma)
+        abs_g = torch.mul(pi, sigma)
+        l1 = torch.mv(abs_g, dec_norms)
+        g = torch.mul(abs_g, sigma)
+        ctx.bandwidth, ctx.tied = bandwidth, tied
+        ctx.save_for_backward(mu, pi, f, sigma, abs_g, b_mag, rho_pos, rho_neg, theta_pos, theta_neg, dec_norms)
+        ctx.set_materialize_grads(False)
+        return f, g, l1
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_f: torch.Tensor | None, grad_g: torch.Tensor | None, grad_l1: torch.Tensor | None
+    ) -> tuple[Any, ...]:
+        mu, pi, f, sigma, abs_g, b_mag, rho_pos, rho_neg, theta_pos, theta_neg, dec_norms = ctx.saved_tensors
+        eps, tied = ctx.bandwidth, ctx.tied
+        grad_mu = grad_pi = grad_b = grad_rho_pos = grad_rho_neg = grad_norms = None
+
+        # through f: only the magnitude path reaches μ (the gates' ∂/∂π is 0)
+        if grad_f is not None:
+            scale = _side_scale(sigma, rho_pos, None if tied else rho_neg)
+            sign_f = torch.sign(f)  # σ·1[m > 0]
+            q = grad_f * sign_f
+            grad_b = q.sum(0)  # ∂f/∂b_mag = σ·1[m > 0]
+            q.mul_(sign_f)  # grad_f where f ≠ 0
+            grad_mu = torch.mul(q, scale, out=sign_f)
+            q.mul_(mu).mul_(scale)  # ∂f/∂ρ = 1[f ≠ 0]·e^ρ·μ
+            grad_rho_pos = q.sum(0)
+            if not tied:
+                grad_rho_neg = torch.where(sigma < 0, q, 0).sum(0)
+                grad_rho_pos = grad_rho_pos - grad_rho_neg
+
+        # through g and l1: the total gradient reaching g (l1's via sign(g) = σ)
+        grad_gt: torch.Tensor | None = None
+        owned = False
+        if grad_l1 is not None:
+            grad_gt, owned = torch.outer(grad_l1, dec_norms).mul_(sigma), True
+            grad_norms = torch.mv(abs_g.T, grad_l1)
+            if grad_g is not None:
+                grad_gt.add_(grad_g)
+        elif grad_g is not None:
+            grad_gt = grad_g
+
+        # thresholds: ∂f/∂θ± = ∓(1/ε)K·m±, ∂g/∂θ± = ∓(θ±/ε)K, K((±π − θ±)/ε) = 1[|·| ≤ ½]
+        pic = pi.to(_compute_dtype(pi, theta_pos))
+        window = torch.empty_like(pic)
+        work = torch.empty_like(pic) if grad_f is not None else None
+        grads_theta: list[torch.Tensor | None] = []
+        sides = [(theta_pos, 1.0, rho_pos), (theta_neg, -1.0, rho_neg)]
+        for theta, side, rho in sides:
+            if theta is None:
+                grads_theta.append(None)
+                continue
+            # |−π − θ⁻| = |π + θ⁻| exactly
+            torch.sub(pic, theta, out=window) if side > 0 else torch.add(pic, theta, out=window)
+            window.div_(eps).abs_().le_(0.5)
+            acc = torch.zeros_like(theta)
+            if work is not None:
+                torch.mul(mu, rho.exp() * side, out=work).add_(b_mag).relu_().mul_(grad_f)  # m±·G_f
+                if grad_gt is not None:
+                    work.addcmul_(theta, grad_gt)
+                acc += work.mul_(window).sum(0)
+            elif grad_gt is not None:
+                acc += theta * window.mul_(grad_gt).sum(0)
+            grads_theta.append(acc.mul_(-side / eps))
+
+        if grad_gt is not None:  # BiJumpReLU passes the gradient where a gate is open: σ²·grad
+            grad_pi = grad_gt.mul_(sigma) if owned else grad_gt * sigma
+            grad_pi.mul_(sigma)
+        return (grad_mu, grad_pi, grad_b, grad_rho_pos, grad_rho_neg, grads_theta[0], grads_theta[1],
+                grad_norms, None)
+
+
+def _side_scale(sigma: torch.Tensor, rho_pos: torch.Tensor, rho_neg: torch.Tensor | None) -> torch.Tensor:
+    """e^ρ per entry: ρ⁺ where σ ≥ 0, ρ⁻ where σ < 0 (a broadcast row when ``rho_neg`` is None)."""
+    if rho_neg is None:
+        return rho_pos.exp()
+    return torch.where(sigma < 0, rho_neg.exp(), rho_pos.exp())
+
+
+def sign_aware_gated_code(
+    mu: torch.Tensor,
+    pi: torch.Tensor,
+    b_mag: torch.Tensor,
+    rho_pos: torch.Tensor,
+    rho_neg: torch.Tensor,
+    theta_pos: torch.Tensor,
+    theta_neg: torch.Tensor | None,
+    dec_norms: torch.Tensor,
+    bandwidth: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional form of :class:`SignAwareGatedCodeFunction`: ``(f, g, l1 per token)``."""
+    return SignAwareGatedCodeFunction.apply(  # type: ignore[return-value]
+        mu, pi, b_mag, rho_pos, rho_neg, theta_pos, theta_neg, dec_norms, bandwidth
+    )

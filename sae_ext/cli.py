@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from sae_ext.perf import retain_freed_memory
+
+    retain_freed_memory()  # CPU training/eval: reuse freed tensors instead of page-faulting new ones
     if argv and argv[0] == "train":
         _train(argv[1:])
         return 0

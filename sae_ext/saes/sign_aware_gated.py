@@ -44,7 +44,12 @@ from sae_lens.saes.sae import (
 from torch import nn
 from typing_extensions import override
 
-from sae_ext.activations import bi_jump_relu, keep_thresholds_at_least_float32, two_sided_step
+from sae_ext.activations import (
+    bi_jump_relu,
+    keep_thresholds_at_least_float32,
+    sign_aware_gated_code,
+    two_sided_step,
+)
 from sae_ext.registry import register_inference, register_training
 from sae_ext.validation import check_sae_input, check_training_input
 
@@ -328,6 +333,8 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
 
     def __init__(self, cfg: SignAwareGatedTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        # (π, gate code, l1 per token) of the last fused encode, consumed by calculate_aux_loss
+        self._gate_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @override
     def initialize_weights(self) -> None:
@@ -354,13 +361,58 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signed latents f and the gate pre-activation π (the "hidden_pre")."""
-        return self._encode(x, self._ste_gates)
+        """Signed latents f and the gate pre-activation π (the "hidden_pre").
+
+        One fused autograd node (:class:`~sae_ext.activations.SignAwareGatedCodeFunction`)
+        computes f together with the gate code BiJumpReLU(π) and the per-token sparsity
+        penalty, which :meth:`calculate_aux_loss` reuses for the same π; gradients equal
+        those of the unfused composition (``self._encode(x, self._ste_gates)``).
+        """
+        check_sae_input(self, x)
+        mu = self._project(x)
+        pi = self.hook_sae_acts_pre(mu + self.b_gate)
+        theta_pos, theta_neg = self.thresholds()
+        rho_pos, rho_neg = self.radii()
+        if not self.cfg.two_sided:
+            theta_neg = None
+        acts, gate_acts, l1 = sign_aware_gated_code(
+            mu, pi, self.b_mag, rho_pos, rho_neg, theta_pos, theta_neg, self.W_dec.norm(dim=1),
+            self.cfg.bandwidth,
+        )
+        self._gate_cache = (pi, gate_acts, l1)
+        return self.hook_sae_acts_post(acts), pi
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        acts, _ = self.encode_with_hidden_pre(x)
+        self._gate_cache = None
+        return acts
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """μ = (x − b_dec) W_enc as ``addmm(−b_dec W_enc, x, W_enc)``.
+
+        Equal to ``process_sae_in(x) @ W_enc``, but b_dec's gradient through the encoder is
+        then a vector–matrix product instead of a third (batch × d_sae × d_in) matmul.
+        """
+        x_in = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
+        if not self.cfg.apply_b_dec_to_input:
+            return x_in @ self.W_enc
+        shape = x_in.shape
+        mu = torch.addmm(-(self.b_dec @ self.W_enc), x_in.reshape(-1, shape[-1]), self.W_enc)
+        return mu.reshape(*shape[:-1], mu.shape[-1])
 
     def gate_activations(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """BiJumpReLU(π): the gate-path code used by the sparsity and auxiliary terms."""
         theta_pos, theta_neg = self.thresholds()
         return bi_jump_relu(hidden_pre, theta_pos, theta_neg, self.cfg.bandwidth)
+
+    def _gate_code_and_l1(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BiJumpReLU(π), Σ|·|·‖W_dec,i‖ per token): from the fused encode when it made this π."""
+        cache, self._gate_cache = self._gate_cache, None
+        if cache is not None and cache[0] is hidden_pre:
+            return cache[1], cache[2]
+        gate_acts = self.gate_activations(hidden_pre)
+        return gate_acts, (gate_acts.abs() * self.W_dec.norm(dim=1)).sum(dim=-1)
 
     @override
     def calculate_aux_loss(
@@ -370,8 +422,8 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        gate_acts = self.gate_activations(hidden_pre)
-        l1 = (gate_acts.abs() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        gate_acts, l1_per_token = self._gate_code_and_l1(hidden_pre)
+        l1 = l1_per_token.mean()
         losses = {"l1_loss": step_input.coefficients["l1"] * l1}
         if self.cfg.aux_coefficient > 0:
             via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
@@ -385,8 +437,12 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_training_input(self, step_input)  # before the threshold reset changes anything
         n_reset = self.reset_dead_thresholds(step_input.dead_neuron_mask)
-        output = super().training_forward_pass(step_input)
-        output.metrics.update(self._firing_metrics(output.feature_acts))
+        try:
+            output = super().training_forward_pass(step_input)
+        finally:
+            self._gate_cache = None  # never keep a graph alive between steps
+        if step_input.is_logging_step:  # six passes over the codes: only when the trainer logs
+            output.metrics.update(self._firing_metrics(output.feature_acts))
         output.metrics["dead_threshold_resets"] = n_reset
         return output
 

@@ -19,6 +19,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_ext.activations import (
     BiJumpReLU,
     BiJumpReLUFunction,
+    SignAwareGatedCodeFunction,
     TwoSidedStepFunction,
     bi_jump_relu,
     two_sided_step,
@@ -52,14 +53,16 @@ def _randomize(sae: SignAwareGatedTrainingSAE | SignAwareGatedSAE, seed: int = 0
                 p.copy_(noise / math.sqrt(D_IN))
 
 
-def _step(sae: SignAwareGatedTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None):
+def _step(
+    sae: SignAwareGatedTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None, logging: bool = True
+):
     return sae.training_forward_pass(
         TrainStepInput(
             sae_in=x,
             coefficients={"l1": sae.cfg.l1_coefficient},
             dead_neuron_mask=dead,
             n_training_steps=0,
-            is_logging_step=False,
+            is_logging_step=logging,
         )
     )
 
@@ -177,6 +180,88 @@ def test_bi_jump_relu_module_keeps_float32_log_thresholds() -> None:
     assert one_sided.log_threshold_neg is None and (one_sided(z.float()) >= 0).all()
     gates = act.gates(z)
     assert gates[1].tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0, 1.0]]
+
+
+# --------------------------------------------------------------------------- fused training encoder
+
+
+@pytest.mark.parametrize("mode", ["tied", "untied", "one_sided"])
+def test_gradcheck_fused_code_away_from_jumps(mode: str) -> None:
+    """The fused encoder's μ, π, b_mag, ρ and ‖W_dec‖ gradients against finite differences.
+
+    Points sit ≥ ε from the jumps (so the straight-through θ terms are 0 on both sides) and
+    the magnitudes ≥ 0.05 from their ReLU kinks; the θ terms are checked against the unfused
+    composition below.
+    """
+    eps, b, h = 0.05, 8, 5
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    pi = _away_from_jumps(b * h, 0.4, 0.3, margin=eps).reshape(b, h).requires_grad_(True)
+    mu_abs = 0.1 + torch.rand(b, h, generator=g, dtype=torch.float64)
+    mu = (mu_abs * torch.randn(b, h, generator=g, dtype=torch.float64).sign()).requires_grad_(True)
+    b_mag, rho_pos, rho_neg = rand(h, scale=0.02), rand(h, scale=0.1), rand(h, scale=0.1)
+    theta_pos = torch.full((h,), 0.4, dtype=torch.float64, requires_grad=True)
+    theta_neg = torch.full((h,), 0.3, dtype=torch.float64, requires_grad=True)
+    norms = (0.5 + torch.rand(h, generator=g, dtype=torch.float64)).requires_grad_(True)
+    apply = SignAwareGatedCodeFunction.apply
+    if mode == "tied":
+        fn = lambda mu, pi, bm, r, tp, tn, n: apply(mu, pi, bm, r, r, tp, tn, n, eps)  # noqa: E731
+        inputs = (mu, pi, b_mag, rho_pos, theta_pos, theta_neg, norms)
+    elif mode == "untied":
+        fn = lambda mu, pi, bm, rp, rn, tp, tn, n: apply(mu, pi, bm, rp, rn, tp, tn, n, eps)  # noqa: E731
+        inputs = (mu, pi, b_mag, rho_pos, rho_neg, theta_pos, theta_neg, norms)
+    else:
+        fn = lambda mu, pi, bm, r, tp, n: apply(mu, pi, bm, r, r, tp, None, n, eps)  # noqa: E731
+        inputs = (mu, pi, b_mag, rho_pos, theta_pos, norms)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"tie_radii": False}, {"two_sided": False}, {"aux_coefficient": 0.0}, {"apply_b_dec_to_input": False}],
+    ids=["default", "untied", "one_sided", "no_aux", "no_b_dec_in"],
+)
+def test_fused_training_step_equals_the_unfused_composition(kw: dict) -> None:
+    """Losses and every parameter gradient of a training step, fused vs. composed from
+    :func:`two_sided_step`, the magnitude ReLUs and :func:`bi_jump_relu` (float64), with
+    many entries inside the straight-through windows."""
+    sae = SignAwareGatedTrainingSAE(_cfg(dtype="float64", l1_coefficient=0.7, bandwidth=0.2, **kw))
+    _randomize(sae)
+    ref = SignAwareGatedTrainingSAE(_cfg(dtype="float64", l1_coefficient=0.7, bandwidth=0.2, **kw))
+    ref.load_state_dict(sae.state_dict())
+    ref.encode_with_hidden_pre = lambda x: ref._encode(x, ref._ste_gates)  # type: ignore[method-assign]
+    x = torch.randn(256, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out, out_ref = _step(sae, x), _step(ref, x)
+    theta = sae.thresholds()[0].detach()
+    in_window = ((out.hidden_pre.detach() - theta).abs() <= 0.1).sum()
+    assert in_window > 50  # the θ pseudo-derivatives are exercised
+    torch.testing.assert_close(out.feature_acts, out_ref.feature_acts, rtol=1e-12, atol=1e-12)
+    for name in out_ref.losses:
+        torch.testing.assert_close(out.losses[name], out_ref.losses[name], rtol=1e-12, atol=1e-12)
+    (out.loss).backward()
+    out_ref.loss.backward()
+    for (name, p), p_ref in zip(sae.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
+    assert sae._gate_cache is None  # no graph kept alive between steps
+
+
+def test_aux_loss_for_another_hidden_pre_recomputes_the_gate_code() -> None:
+    sae = SignAwareGatedTrainingSAE(_cfg(dtype="float64"))
+    _randomize(sae)
+    x = torch.randn(32, D_IN, dtype=torch.float64)
+    f, pi = sae.encode_with_hidden_pre(x)
+    other = pi + 0.3
+    step = TrainStepInput(sae_in=x, coefficients={"l1": 1.0}, dead_neuron_mask=None, n_training_steps=0,
+                          is_logging_step=False)
+    losses = sae.calculate_aux_loss(step, f, other, f @ sae.W_dec)
+    gate = bi_jump_relu(other, *sae.thresholds(), sae.cfg.bandwidth)
+    expected = (gate.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(losses["l1_loss"], expected)
 
 
 # --------------------------------------------------------------------------- equations
@@ -394,6 +479,9 @@ def test_dead_threshold_reset(enabled: bool) -> None:
 def test_training_metrics() -> None:
     sae = SignAwareGatedTrainingSAE(_cfg())
     _randomize(sae)
+    quiet = _step(sae, torch.randn(128, D_IN), logging=False)
+    assert "l0" not in quiet.metrics  # firing statistics only on the trainer's logging steps
+    assert "dead_threshold_resets" in quiet.metrics
     out = _step(sae, torch.randn(128, D_IN))
     f = out.feature_acts
     n = (f != 0).sum()
