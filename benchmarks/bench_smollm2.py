@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_ext.demo import add_demo_arguments, run_demo
+from sae_ext.perf import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = [
@@ -59,26 +60,31 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--width", type=int, default=576)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--half-budget", type=float, default=0.5, help="SASA token fraction (paper: ~½)")
+    p.add_argument("--half-budget", type=float, default=0.5,
+                   help="SASA token fraction (paper: ~½); 0 skips the extra SASA run")
+    p.add_argument("--l1-coefficient", type=float, default=1.0, help="λ of the two gated SAEs")
     p.add_argument("--no-full-eval", action="store_true")
     p.add_argument("--only", nargs="*", help="demo entries to train (default: all)")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))
     p.add_argument("--tag", default="smollm2", help="results go to benchmarks/results/TAG.{json,md}")
     args = p.parse_args()
+    retain_freed_memory()
     t0 = time.perf_counter()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for hook in args.hooks:
         for seed in args.seeds:
             common = dict(hook=hook, seed=seed, capture_tokens=args.capture_tokens, eval_tokens=args.eval_tokens,
                           width=args.width, k=args.k, full_eval=not args.no_full_eval,
+                          l1_coefficient=args.l1_coefficient,
                           activations_dir=str(args.out / "activations"))
             rows = run_demo(demo_args(tokens=args.tokens, only=args.only, out=str(args.out / hook / f"seed{seed}"),
                                       **common))
-            rows += [
-                {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
-                for r in run_demo(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
-                                            out=str(args.out / hook / f"seed{seed}_sasa_half"), **common))
-            ]
+            if args.half_budget > 0 and (not args.only or "sasa" in args.only):
+                rows += [
+                    {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
+                    for r in run_demo(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
+                                                out=str(args.out / hook / f"seed{seed}_sasa_half"), **common))
+                ]
             for r in rows:
                 runs.setdefault(hook, {}).setdefault(r["name"], []).append(r)
     summary = {
@@ -98,7 +104,9 @@ def main() -> None:
         md.append("")
     md.append(f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_smollm2.py "
               f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "
-              f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens} --tag {args.tag}"
+              f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens} --tag {args.tag} "
+              f"--l1-coefficient {args.l1_coefficient} --half-budget {args.half_budget}"
+              + (" --no-full-eval" if args.no_full_eval else "")
               + (f" --only {' '.join(args.only)}`" if args.only else "`"))
     (RESULTS / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -38,7 +38,7 @@ class DemoEntry:
         return cfg_cls(d_in=d_in, d_sae=self.d_sae(d_in, width), **self.kwargs)
 
 
-def demo_entries(k: int = 32, group_rank: int = 4) -> list[DemoEntry]:
+def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 1.0) -> list[DemoEntry]:
     """The SAEs the demo trains; each plugin architecture sits beside its SAELens sibling.
 
     Widths follow the papers' comparisons: SA-GSAE at H vs Gated at 2H; the scaffold and SASA
@@ -48,11 +48,14 @@ def demo_entries(k: int = 32, group_rank: int = 4) -> list[DemoEntry]:
     """
     if k < 1 or group_rank < 1 or k % group_rank:
         raise ValueError(f"--k ({k}) must be a positive multiple of --group-rank ({group_rank})")
+    if not l1_coefficient >= 0:
+        raise ValueError(f"--l1-coefficient must be >= 0, got {l1_coefficient}")
     norm = {"normalize_activations": "expected_average_only_in"}
     sasa = {"group_rank": group_rank, "n_active_groups": k // group_rank, "nuclear_coefficient": 3.0}
     return [
-        DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": 1.0, **norm}),
-        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w, {"l1_coefficient": 1.0, **norm}),
+        DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": l1_coefficient, **norm}),
+        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w,
+                  {"l1_coefficient": l1_coefficient, **norm}),
         DemoEntry("batchtopk", "batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("scaffold_batchtopk", "scaffold_batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("topk", "topk", lambda d, w: 2 * w, {"k": k, **norm}),
@@ -188,6 +191,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=576, help="H: SA-GSAE's width; every other SAE gets 2H")
     p.add_argument("--k", type=int, default=32, help="active latents per token for the TopK family")
     p.add_argument("--group-rank", type=int, default=4, help="SASA group rank r (s = k / r groups active)")
+    p.add_argument("--l1-coefficient", type=float, default=1.0,
+                   help="λ of the two gated SAEs (gated@2H and sign_aware_gated@H)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size in tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context-size", type=int, default=128)
@@ -209,7 +214,7 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
                         ("--width", args.width), ("--eval-tokens", args.eval_tokens), ("--k", args.k)]:
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    entries = demo_entries(args.k, args.group_rank)
+    entries = demo_entries(args.k, args.group_rank, args.l1_coefficient)
     if args.only:
         unknown = sorted(set(args.only) - {e.name for e in entries})
         if unknown:
