@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--half-budget", type=float, default=0.5,
                    help="SASA token fraction (paper: ~½); 0 skips the extra SASA run")
-    p.add_argument("--l1-coefficient", type=float, default=1.0, help="λ of the two gated SAEs")
+    p.add_argument("--l1-coefficient", type=float, default=10.0, help="λ of the two gated SAEs (demo default)")
     p.add_argument("--no-full-eval", action="store_true")
     p.add_argument("--only", nargs="*", help="demo entries to train (default: all)")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))

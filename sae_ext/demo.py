@@ -38,7 +38,7 @@ class DemoEntry:
         return cfg_cls(d_in=d_in, d_sae=self.d_sae(d_in, width), **self.kwargs)
 
 
-def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 1.0) -> list[DemoEntry]:
+def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 10.0) -> list[DemoEntry]:
     """The SAEs the demo trains; each plugin architecture sits beside its SAELens sibling.
 
     Widths follow the papers' comparisons: SA-GSAE at H vs Gated at 2H; the scaffold and SASA
@@ -191,8 +191,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=576, help="H: SA-GSAE's width; every other SAE gets 2H")
     p.add_argument("--k", type=int, default=32, help="active latents per token for the TopK family")
     p.add_argument("--group-rank", type=int, default=4, help="SASA group rank r (s = k / r groups active)")
-    p.add_argument("--l1-coefficient", type=float, default=1.0,
-                   help="λ of the two gated SAEs (gated@2H and sign_aware_gated@H)")
+    p.add_argument("--l1-coefficient", type=float, default=10.0,
+                   help="λ of the two gated SAEs (gated@2H and sign_aware_gated@H); at the default budget "
+                        "λ = 10 puts gated@2H near the TopK family's L0 (λ = 1 leaves it dense)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size in tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context-size", type=int, default=128)
