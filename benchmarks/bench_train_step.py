@@ -180,6 +180,8 @@ def main() -> None:
     p.add_argument("--capture-tokens", type=int, default=8192)
     p.add_argument("--demo-report", type=Path, help="a demo report.json to take phase times from")
     p.add_argument("--skip-capture", action="store_true")
+    p.add_argument("--steps-only", action="store_true",
+                   help="only the step-time tables (no peak RSS, precision or capture); writes train_step_steps.json")
     p.add_argument("--rss-of", help=argparse.SUPPRESS)
     p.add_argument("--rss-kwargs", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--rss-shape", help=argparse.SUPPRESS)
@@ -206,6 +208,11 @@ def main() -> None:
     if retain_freed_memory():  # the allocator `sae-ext` runs with (sae_ext.perf); both arms alike
         print("with glibc keeping freed memory (sae_ext.perf.retain_freed_memory):")
         res["steps_retain_freed_memory"] = time_pairs(d_in, d_sae, batch, k, reps)
+    if args.steps_only:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "train_step_steps.json").write_text(json.dumps(res, indent=2))
+        print(f"wrote {RESULTS / 'train_step_steps.json'}")
+        return
     res["peak_rss_mb"] = {}
     for arch, kw, sib, skw in pairs(d_sae, k):
         res["peak_rss_mb"][arch] = peak_rss_mb(arch, kw, d_in, d_sae, batch)
