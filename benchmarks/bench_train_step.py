@@ -91,12 +91,14 @@ def sgemm_gflops(b: int, d_in: int, d_sae: int, reps: int = 5) -> float:
     return 2 * b * d_in * d_sae / statistics.median(times) / 1e9
 
 
-def time_pairs(d_in: int, d_sae: int, batch: int, k: int, reps: int) -> list[dict[str, Any]]:
+def time_pairs(d_in: int, d_sae: int, batch: int, k: int, reps: int, only: list[str] | None = None) -> list[dict[str, Any]]:
     x = torch.randn(batch, d_in)
     floor = sgemm_gflops(batch, d_in, d_sae)
     flops = 12 * batch * d_in * d_sae  # enc + dec matmuls, forward and backward
     rows = []
     for arch, kw, sib, skw in pairs(d_sae, k):
+        if only and arch not in only:
+            continue
         steppers = {arch: Stepper(make_sae(arch, d_in, d_sae, kw)), sib: Stepper(make_sae(sib, d_in, d_sae, skw))}
         times: dict[str, list[float]] = {arch: [], sib: []}
         for s in steppers.values():  # warm-up
@@ -180,6 +182,7 @@ def main() -> None:
     p.add_argument("--capture-tokens", type=int, default=8192)
     p.add_argument("--demo-report", type=Path, help="a demo report.json to take phase times from")
     p.add_argument("--skip-capture", action="store_true")
+    p.add_argument("--only", nargs="*", help="time only these plugin architectures (with their siblings)")
     p.add_argument("--steps-only", action="store_true",
                    help="only the step-time tables (no peak RSS, precision or capture); writes train_step_steps.json")
     p.add_argument("--rss-of", help=argparse.SUPPRESS)
@@ -204,14 +207,15 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version()},
         "shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k},
     }
-    res["steps"] = time_pairs(d_in, d_sae, batch, k, reps)
+    res["steps"] = time_pairs(d_in, d_sae, batch, k, reps, args.only)
     if retain_freed_memory():  # the allocator `sae-ext` runs with (sae_ext.perf); both arms alike
         print("with glibc keeping freed memory (sae_ext.perf.retain_freed_memory):")
-        res["steps_retain_freed_memory"] = time_pairs(d_in, d_sae, batch, k, reps)
+        res["steps_retain_freed_memory"] = time_pairs(d_in, d_sae, batch, k, reps, args.only)
     if args.steps_only:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "train_step_steps.json").write_text(json.dumps(res, indent=2))
-        print(f"wrote {RESULTS / 'train_step_steps.json'}")
+        name = "train_step_steps" + ("_" + "_".join(args.only) if args.only else "")
+        (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
+        print(f"wrote {RESULTS / (name + '.json')}")
         return
     res["peak_rss_mb"] = {}
     for arch, kw, sib, skw in pairs(d_sae, k):
