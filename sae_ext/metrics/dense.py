@@ -20,11 +20,13 @@ import torch
 DENSE_THRESHOLD = 0.1
 
 
-def firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
+def firing_counts(feature_acts: torch.Tensor, *, mostly_zero: bool = False) -> torch.Tensor:
     """Per-latent number of tokens on which the latent is non-zero.
 
     ``feature_acts`` is ``[..., d_sae]`` (dense or sparse COO); every leading index is a token.
     Returns a float64 ``[d_sae]`` tensor (float64 so that long windows add up exactly).
+    ``mostly_zero=True`` (e.g. TopK-family codes, L0 ≪ d_sae) counts from the indices of the
+    non-zeros, which allocates nothing of the code's size; the result is the same.
     """
     if feature_acts.dim() < 1:
         raise ValueError(
@@ -33,6 +35,9 @@ def firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
     if feature_acts.is_sparse:
         feature_acts = feature_acts.to_dense()
     flat = feature_acts.reshape(-1, feature_acts.shape[-1])
+    if mostly_zero:
+        cols = flat.nonzero()[:, 1]
+        return torch.bincount(cols, minlength=flat.shape[-1]).to(torch.float64)
     if flat.shape[0] >= 2**24:  # float32 counts are exact below 2^24 tokens per call
         return (flat != 0).sum(0, dtype=torch.float64)
     # A column sum over a (tokens, d_sae) mask as a matrix-vector product: 2–3× faster on CPU

@@ -497,7 +497,7 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
             var_recon = (recon - recon.mean(0)).pow(2).sum()
             var_s = (s2 - s2.mean(0)).pow(2).sum()
             metrics["scaffold_variance_share"] = (var_s / var_recon.clamp(min=1e-12)).item()
-        counts = firing_counts(output.feature_acts.detach())
+        counts = firing_counts(output.feature_acts.detach(), mostly_zero=True)  # BatchTopK codes
         n_batch = output.feature_acts.shape[:-1].numel()
         self.dense_window_counts += counts.to(self.dense_window_counts)
         self.dense_window_tokens += n_batch

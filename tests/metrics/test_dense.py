@@ -29,6 +29,16 @@ def test_firing_counts_exact() -> None:
     # leading dims are all tokens
     assert firing_counts(acts.reshape(2, 2, 3)).tolist() == [3.0, 0.0, 1.0]
     assert firing_counts(acts.to_sparse()).tolist() == [3.0, 0.0, 1.0]
+    assert firing_counts(acts.reshape(2, 2, 3), mostly_zero=True).tolist() == [3.0, 0.0, 1.0]
+    assert firing_counts(acts.to_sparse(), mostly_zero=True).tolist() == [3.0, 0.0, 1.0]
+
+
+def test_firing_counts_paths_agree_on_random_codes() -> None:
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(300, 50, generator=g) * (torch.rand(300, 50, generator=g) < 0.1)
+    expected = (acts != 0).sum(0).double()
+    torch.testing.assert_close(firing_counts(acts), expected)
+    torch.testing.assert_close(firing_counts(acts, mostly_zero=True), expected)
 
 
 def test_dense_fraction_uses_strict_ten_percent() -> None:
