@@ -19,6 +19,7 @@ threshold gradients in the threshold's dtype (summed over the leading dimensions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -364,7 +365,21 @@ def sign_aware_gated_code(
     dec_norms: torch.Tensor,
     bandwidth: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional form of :class:`SignAwareGatedCodeFunction`: ``(f, g, l1 per token)``."""
+    """Functional form of :class:`SignAwareGatedCodeFunction`: ``(f, g, l1 per token)``.
+
+    Checks shapes and the bandwidth first (NaN/Inf in the activations are the SAE's input
+    check's job, before μ exists); the autograd node itself trusts its inputs.
+    """
+    if mu.shape != pi.shape or mu.dim() != 2:
+        raise ValueError(f"mu and pi must be the same [batch, d_sae] shape, got {tuple(mu.shape)} and {tuple(pi.shape)}")
+    d_sae = mu.shape[-1]
+    vectors = {"b_mag": b_mag, "rho_pos": rho_pos, "rho_neg": rho_neg, "theta_pos": theta_pos,
+               "theta_neg": theta_neg, "dec_norms": dec_norms}
+    bad = {n: tuple(v.shape) for n, v in vectors.items() if v is not None and tuple(v.shape) != (d_sae,)}
+    if bad:
+        raise ValueError(f"per-latent parameters must have shape ({d_sae},) to match d_sae; got {bad}")
+    if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
     return SignAwareGatedCodeFunction.apply(  # type: ignore[return-value]
         mu, pi, b_mag, rho_pos, rho_neg, theta_pos, theta_neg, dec_norms, bandwidth
     )

@@ -22,6 +22,7 @@ from sae_ext.activations import (
     SignAwareGatedCodeFunction,
     TwoSidedStepFunction,
     bi_jump_relu,
+    sign_aware_gated_code,
     two_sided_step,
 )
 from sae_ext.saes.sign_aware_gated import (
@@ -248,6 +249,18 @@ def test_fused_training_step_equals_the_unfused_composition(kw: dict) -> None:
         if p.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
     assert sae._gate_cache is None  # no graph kept alive between steps
+
+
+def test_fused_code_rejects_mismatched_shapes_and_bandwidth() -> None:
+    mu, v = torch.zeros(4, 6), torch.ones(6)
+    args = (mu, mu, v, v, v, v, v, v)
+    assert sign_aware_gated_code(*args, 0.1)[0].shape == (4, 6)
+    with pytest.raises(ValueError, match=r"same \[batch, d_sae\] shape, got \(4, 6\) and \(4, 5\)"):
+        sign_aware_gated_code(mu, torch.zeros(4, 5), *args[2:], 0.1)
+    with pytest.raises(ValueError, match=r"shape \(6,\) to match d_sae; got \{'theta_pos': \(5,\)\}"):
+        sign_aware_gated_code(mu, mu, v, v, v, torch.ones(5), v, v, 0.1)
+    with pytest.raises(ValueError, match="bandwidth must be a finite number > 0, got 0.0"):
+        sign_aware_gated_code(*args, 0.0)
 
 
 def test_aux_loss_for_another_hidden_pre_recomputes_the_gate_code() -> None:
