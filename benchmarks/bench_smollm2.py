@@ -40,6 +40,24 @@ def demo_args(**overrides: Any) -> argparse.Namespace:
     return args
 
 
+def finished_rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """Rows of a finished run in ``args.out`` whose stored arguments equal ``args``, else None (``--resume``)."""
+    report = Path(args.out) / "report.json"
+    if not report.exists():
+        return None
+    stored = json.loads(report.read_text())
+    return stored["rows"] if stored.get("args") == json.loads(json.dumps(vars(args), default=str)) else None
+
+
+def run_or_resume(args: argparse.Namespace, resume: bool) -> list[dict[str, Any]]:
+    """Run one demo, or with ``resume`` reuse its finished report when the arguments match."""
+    rows = finished_rows(args) if resume else None
+    if rows is not None:
+        print(f"resume: reusing {args.out}/report.json")
+        return rows
+    return run_demo(args)
+
+
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -67,6 +85,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="demo entries to train (default: all)")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_smollm2"))
     p.add_argument("--tag", default="smollm2", help="results go to benchmarks/results/TAG.{json,md}")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs under --out whose report.json was written with the same arguments")
     args = p.parse_args()
     retain_freed_memory()
     t0 = time.perf_counter()
@@ -77,13 +97,14 @@ def main() -> None:
                           width=args.width, k=args.k, full_eval=not args.no_full_eval,
                           l1_coefficient=args.l1_coefficient,
                           activations_dir=str(args.out / "activations"))
-            rows = run_demo(demo_args(tokens=args.tokens, only=args.only, out=str(args.out / hook / f"seed{seed}"),
-                                      **common))
+            rows = run_or_resume(demo_args(tokens=args.tokens, only=args.only,
+                                           out=str(args.out / hook / f"seed{seed}"), **common), args.resume)
             if args.half_budget > 0 and (not args.only or "sasa" in args.only):
                 rows += [
                     {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
-                    for r in run_demo(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
-                                                out=str(args.out / hook / f"seed{seed}_sasa_half"), **common))
+                    for r in run_or_resume(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
+                                                     out=str(args.out / hook / f"seed{seed}_sasa_half"), **common),
+                                           args.resume)
                 ]
             for r in rows:
                 runs.setdefault(hook, {}).setdefault(r["name"], []).append(r)

@@ -14,3 +14,27 @@ def test_bench_quick_runs_every_synthetic_benchmark(tmp_path: Path) -> None:
     jsons = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(jsons) >= len(SYNTHETIC_BENCHMARKS), jsons
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
+
+
+def _bench_smollm2():
+    """Import ``benchmarks/bench_smollm2.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_smollm2", benchmarks_dir() / "bench_smollm2.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smollm2_resume_reuses_only_runs_with_identical_arguments(tmp_path: Path) -> None:
+    import json
+
+    bench = _bench_smollm2()
+    args = bench.demo_args(out=str(tmp_path), seed=1, only=["sasa"], tokens=1000)
+    assert bench.finished_rows(args) is None  # nothing finished yet
+    rows = [{"name": "sasa r4 s8", "l0": 32.0}]
+    (tmp_path / "report.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, default=str))
+    assert bench.run_or_resume(args, resume=True) == rows
+    for changed in [{"seed": 2}, {"tokens": 2000}, {"only": ["sasa", "topk k32"]}]:
+        assert bench.finished_rows(bench.demo_args(**{**vars(args), **changed})) is None, changed
