@@ -7,12 +7,15 @@ token dataset, so anything that needs "a model" runs in seconds on a CPU.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from datasets import Dataset
+from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
@@ -72,6 +75,29 @@ def small_training_config(
     kwargs = {k: v for k, v in _SMALL_DEFAULTS.items() if k in names}
     kwargs.update(overrides)
     return cfg_cls(d_in=d_in, d_sae=d_sae, **kwargs)
+
+
+def fit_on_stream(
+    sae: TrainingSAE,
+    batches: Iterator[torch.Tensor],
+    steps: int,
+    batch_size: int,
+    lr: float = 3e-3,
+    **trainer_overrides: Any,
+) -> TrainingSAE:
+    """Train ``sae`` for ``steps`` steps with SAELens's own ``SAETrainer`` on in-memory batches.
+
+    Constant learning rate; ``trainer_overrides`` go to ``SAETrainerConfig`` (e.g. the dead-feature
+    and feature-sampling windows), so short test runs still reach the trainer's periodic paths.
+    """
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr,
+        **trainer_overrides,
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=batches).fit()
 
 
 def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: int = 0) -> Any:

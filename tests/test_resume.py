@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
@@ -41,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_ext.registry import plugin_training_architectures
 from sae_ext.saes.scaffold import _ScaffoldTrainingMixin
-from sae_ext.testing import small_training_config, tiny_hooked_transformer
+from sae_ext.testing import fit_on_stream, small_training_config, tiny_hooked_transformer
 
 ARCHS = plugin_training_architectures()
 D_IN, D_SAE = 32, 128
@@ -233,10 +232,7 @@ def test_rank_one_scaffold_trains_and_checkpoints(arch: str, tmp_path: Path) -> 
     cfg = small_training_config(arch, d_in=D_IN, d_sae=D_SAE, scaffold_rank=1)
     sae = get_sae_training_class(arch)[0](cfg)
     assert sae.scaffold_U.data_ptr() != sae.scaffold_V.data_ptr()
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=4 * 64, train_batch_size_samples=64, lr=3e-3, lr_end=3e-3
-    )
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_stream(64)).fit()
+    fit_on_stream(sae, _stream(64), steps=4, batch_size=64)
     assert not torch.allclose(sae.scaffold_U.T, sae.scaffold_V)  # trained independently
     sae.save_model(tmp_path / "ckpt")
     again = get_sae_training_class(arch)[0](cfg)
@@ -271,15 +267,7 @@ def _train_with_seed(
 ) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     sae = get_sae_training_class(arch)[0](_cfg(arch))
-    cfg = SAETrainerConfig(
-        total_training_samples=steps * batch,
-        train_batch_size_samples=batch,
-        lr=3e-3,
-        lr_end=3e-3,
-        dead_feature_window=3,
-        feature_sampling_window=5,
-    )
-    SAETrainer(cfg=cfg, sae=sae, data_provider=_stream(batch)).fit()
+    fit_on_stream(sae, _stream(batch), steps, batch, dead_feature_window=3, feature_sampling_window=5)
     return {k: v.detach().clone() for k, v in sae.state_dict().items()}
 
 

@@ -19,13 +19,11 @@ from sae_lens import (
     TrainingSAE,
     TrainingSAEConfig,
 )
-from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
-from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_ext.registry import plugin_training_architectures
-from sae_ext.testing import small_training_config, tiny_hooked_transformer
+from sae_ext.testing import fit_on_stream, small_training_config, tiny_hooked_transformer
 
 SAELENS_REFERENCE = ["gated", "batchtopk"]
 ARCHITECTURES = SAELENS_REFERENCE + plugin_training_architectures()
@@ -72,15 +70,7 @@ def _train(sae: TrainingSAE, x: torch.Tensor, steps: int = 150, batch: int = 256
         while True:
             yield x[torch.randint(0, x.shape[0], (batch,), generator=g)]
 
-    cfg = SAETrainerConfig(
-        total_training_samples=steps * batch,
-        train_batch_size_samples=batch,
-        lr=3e-3,
-        lr_end=3e-3,
-        dead_feature_window=50,
-        feature_sampling_window=100,
-    )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=stream()).fit()
+    return fit_on_stream(sae, stream(), steps, batch, dead_feature_window=50, feature_sampling_window=100)
 
 
 @pytest.fixture(scope="module")

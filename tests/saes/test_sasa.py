@@ -7,10 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE, TrainingSAE
-from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
-from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_ext.metrics.groups import rank_at_fraction
 from sae_ext.saes.sasa import (
@@ -23,6 +21,7 @@ from sae_ext.saes.sasa import (
 )
 from sae_ext.synthetic.multidim import make_multidim_data
 from sae_ext.synthetic.recovery import energy_in_subspace, units_for_energy
+from sae_ext.testing import fit_on_stream
 
 D_IN, D_SAE, R, S = 16, 48, 4, 3  # K = 12 groups
 
@@ -337,10 +336,7 @@ def test_nuclear_penalty_lowers_stable_rank_in_training() -> None:
                 d_in=D_IN, d_sae=D_SAE, group_rank=R, n_active_groups=S, nuclear_coefficient=lam
             )
         )
-        cfg = SAETrainerConfig(
-            total_training_samples=60 * 128, train_batch_size_samples=128, lr=1e-2, lr_end=1e-2
-        )
-        SAETrainer(cfg=cfg, sae=sae, data_provider=stream()).fit()
+        fit_on_stream(sae, stream(), steps=60, batch_size=128, lr=1e-2)
         ranks[lam] = sae.group_stable_rank().mean().item()
     assert ranks[5.0] < ranks[0.0] - 0.5, ranks
 

@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE, HookedSAETransformer
-from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
-from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_ext.metrics.dense import (
     dense_fraction,
@@ -30,7 +28,7 @@ from sae_ext.saes.scaffold import (
     default_matryoshka_widths,
 )
 from sae_ext.synthetic.lowrank import SparsePlusLowRank
-from sae_ext.testing import tiny_hooked_transformer
+from sae_ext.testing import fit_on_stream, tiny_hooked_transformer
 
 ARCHS = ["scaffold_batchtopk", "scaffold_matryoshka_batchtopk"]
 D_IN, D_SAE, R, K = 32, 128, 4, 4
@@ -63,15 +61,9 @@ def _data(seed: int = 0) -> SparsePlusLowRank:
 
 
 def _train(sae: TrainingSAE, gen: SparsePlusLowRank, steps: int, batch: int = 256) -> TrainingSAE:
-    cfg = SAETrainerConfig(
-        total_training_samples=steps * batch,
-        train_batch_size_samples=batch,
-        lr=3e-3,
-        lr_end=3e-3,
-        dead_feature_window=100,
-        feature_sampling_window=200,
+    return fit_on_stream(
+        sae, gen.batches(batch), steps, batch, dead_feature_window=100, feature_sampling_window=200
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=gen.batches(batch)).fit()
 
 
 def _ev(x: torch.Tensor, y: torch.Tensor) -> float:
