@@ -58,6 +58,13 @@ def run_or_resume(args: argparse.Namespace, resume: bool) -> list[dict[str, Any]
     return run_demo(args)
 
 
+def out_dirs_reports(args: argparse.Namespace) -> list[Path]:
+    """The ``report.json`` of every run of this invocation (hooks × seeds, plus the SASA fraction runs)."""
+    suffixes = [""] + (["_sasa_half"] if args.half_budget > 0 and (not args.only or "sasa" in args.only) else [])
+    return [args.out / hook / f"seed{seed}{suffix}" / "report.json"
+            for hook in args.hooks for seed in args.seeds for suffix in suffixes]
+
+
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -112,10 +119,12 @@ def main() -> None:
         hook: {name: {m: mean_sd([r.get(m) for r in rs]) for m in METRICS} for name, rs in by_name.items()}
         for hook, by_name in runs.items()
     }
+    # compute time of every run, resumed or not: the sum of the runs' own recorded totals
+    run_seconds = sum(json.loads(f.read_text())["phase_seconds"]["total"] for f in out_dirs_reports(args))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs,
-         "wall_seconds": time.perf_counter() - t0}, indent=2, default=str))
+         "wall_seconds": time.perf_counter() - t0, "run_seconds": run_seconds}, indent=2, default=str))
     cols = ["l0", "explained_variance", "dead_fraction", "dense_fraction", "bipolar_fraction", "ce_loss_recovered",
             "error_r2", "norm_r2", "nonlinear_fvu", "scaffold_ce_ratio", "pca_removal_ce_ratio"]
     md = [f"# SmolLM2-135M results (seeds {args.seeds}, {args.tokens:,} training tokens per SAE)", ""]
@@ -123,7 +132,8 @@ def main() -> None:
         md += [f"## `{hook}`", "", "| SAE | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         md += ["| " + name + " | " + " | ".join(fmt(*stats[c]) for c in cols) + " |" for name, stats in by_name.items()]
         md.append("")
-    md.append(f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_smollm2.py "
+    md.append(f"Wall time {time.perf_counter() - t0:.0f} s; the runs' own totals sum to {run_seconds:.0f} s "
+              f"(they differ where `--resume` reused finished runs). Command: `python benchmarks/bench_smollm2.py "
               f"--hooks {' '.join(args.hooks)} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "
               f"--capture-tokens {args.capture_tokens} --eval-tokens {args.eval_tokens} --tag {args.tag} "
               f"--l1-coefficient {args.l1_coefficient} --half-budget {args.half_budget}"

@@ -204,6 +204,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the capture is stored and reused (default OUT/activations)")
 
 
+def capture_dir(activations_dir: str | Path, hook: str, context_size: int, n_rows: int) -> Path:
+    """Where the demo stores (and finds again) the default model's capture of ``n_rows`` sequences
+    at ``hook``; benchmarks that share a capture with a demo run use the same path."""
+    from sae_ext.models import DEFAULT_MODEL_NAME
+
+    return Path(activations_dir) / f"{DEFAULT_MODEL_NAME}_{hook.replace('.', '_')}_{context_size}_{n_rows}"
+
+
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the main job and return its table rows."""
     from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache
@@ -234,13 +242,11 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     t = time.perf_counter()
     train_ds = default_token_dataset(model.tokenizer, args.context_size, n_tokens=args.capture_tokens, split="train")
     eval_ds = default_token_dataset(model.tokenizer, args.context_size, n_tokens=args.eval_tokens, split="eval")
-    safe_hook = args.hook.replace(".", "_")
     cache = capture_activations(
         model,
         train_ds,
         args.hook,
-        Path(args.activations_dir or out / "activations")
-        / f"{DEFAULT_MODEL_NAME}_{safe_hook}_{args.context_size}_{len(train_ds)}",
+        capture_dir(args.activations_dir or out / "activations", args.hook, args.context_size, len(train_ds)),
         n_tokens=len(train_ds) * args.context_size,
         model_name=DEFAULT_MODEL_NAME,
     )
