@@ -47,6 +47,28 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def plot_heatmaps(runs: dict[str, list[dict[str, Any]]], widths: list[int], path: Path) -> None:
+    """One R² heat map per hook (first seed): row i predicts column j."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.8 * len(runs), 3.9), squeeze=False)
+    for n, (ax, (hook, rs)) in enumerate(zip(axes[0], runs.items())):
+        r2 = {int(i): {int(j): v for j, v in row.items()} for i, row in rs[0]["r2_j_from_i"].items()}
+        grid = [[1.0 if i == j else r2[i][j] for j in widths] for i in widths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(widths)), [str(w) for w in widths], rotation=45)
+        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_xlabel("d_sae of j (predicted)")
+        if n == 0:
+            ax.set_ylabel("d_sae of i (predictor)")
+        ax.set_title(hook.split(".", 2)[-1], fontsize=9)
+        for a in range(len(widths)):
+            for b in range(len(widths)):
+                ax.text(b, a, f"{grid[a][b]:.2f}", ha="center", va="center", fontsize=7,
+                        color="k" if grid[a][b] > 0.6 else "w")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="R²")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hooks", nargs="+", default=["blocks.15.hook_resid_post"])
@@ -59,7 +81,12 @@ def main() -> None:
     p.add_argument("--activations-dir", type=Path, default=None, help="default OUT/activations")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_error_norm_scaling"))
     p.add_argument("--tag", default="error_norm_scaling")
+    p.add_argument("--replot", action="store_true", help="redraw TAG.png from TAG.json, train nothing")
     args = p.parse_args()
+    if args.replot:
+        stored = json.loads((RESULTS / f"{args.tag}.json").read_text())
+        plot_heatmaps(stored["runs"], stored["widths"], RESULTS / f"{args.tag}.png")
+        return
     widths = sorted(set(args.widths))
     if len(widths) < 2 or widths[0] < args.k:
         raise SystemExit(f"--widths {args.widths}: need at least two distinct d_sae values, each >= --k {args.k}")
@@ -136,22 +163,7 @@ def main() -> None:
            f"--k {args.k} --tokens {args.tokens} --capture-tokens {args.capture_tokens} "
            f"--eval-tokens {args.eval_tokens} --tag {args.tag}`"]  # fmt: skip
     (RESULTS / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), squeeze=False)
-    for ax, (hook, rs) in zip(axes[0], runs.items()):
-        r2 = rs[0]["r2_j_from_i"]
-        grid = [[1.0 if i == j else r2[i][j] for j in widths] for i in widths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(widths)), [str(w) for w in widths], rotation=45)
-        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
-        ax.set_xlabel("d_sae of j (predicted)")
-        ax.set_ylabel("d_sae of i (predictor)")
-        ax.set_title(hook.split(".", 2)[-1], fontsize=9)
-        for a in range(len(widths)):
-            for b in range(len(widths)):
-                ax.text(b, a, f"{grid[a][b]:.2f}", ha="center", va="center", fontsize=7,
-                        color="k" if grid[a][b] > 0.6 else "w")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="R²")
-    fig.savefig(RESULTS / f"{args.tag}.png", dpi=120, bbox_inches="tight")
+    plot_heatmaps(runs, widths, RESULTS / f"{args.tag}.png")
     print("\n".join(md))
 
 
