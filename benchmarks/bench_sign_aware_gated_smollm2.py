@@ -23,6 +23,7 @@ from sae_lens import SAE
 import sae_ext  # noqa: F401
 from sae_ext.capture import capture_activations, hook_width, train_on_cache
 from sae_ext.data import default_token_dataset
+from sae_ext.demo import capture_dir
 from sae_ext.evaluate import evaluate_sae
 from sae_ext.models import DEFAULT_MODEL_NAME, load_default_model
 from sae_ext.perf import retain_freed_memory
@@ -58,7 +59,7 @@ def main() -> None:
     eval_ds = default_token_dataset(model.tokenizer, 128, n_tokens=args.eval_tokens, split="eval")
     cache = capture_activations(
         model, train_ds, args.hook,
-        args.activations_dir / f"{DEFAULT_MODEL_NAME}_{args.hook.replace('.', '_')}_128_{len(train_ds)}",
+        capture_dir(args.activations_dir, args.hook, 128, len(train_ds)),
         n_tokens=len(train_ds) * 128, model_name=DEFAULT_MODEL_NAME,
     )
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -68,7 +69,7 @@ def main() -> None:
                 d_in=d_in, d_sae=args.width, l1_coefficient=args.l1_coefficient,
                 normalize_activations="expected_average_only_in", **kw,
             )
-            sae_dir = args.out / f"seed{seed}" / name.split(" ")[0].replace("=", "").replace("α", "alpha")
+            sae_dir = args.out / args.hook / f"seed{seed}" / name.split(" ")[0].replace("=", "").replace("α", "alpha")
             train_on_cache(cfg, cache, model, train_ds, sae_dir, training_tokens=args.tokens,
                            train_batch_size_tokens=1024, lr=1e-3, seed=seed)
             res = evaluate_sae(SAE.load_from_disk(sae_dir), model, eval_ds, n_tokens=len(eval_ds) * 128,
