@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from sae_lens import SAE  # noqa: E402
 from sae_lens.registry import get_sae_training_class  # noqa: E402
 
 import sae_ext  # noqa: E402,F401  (registers the architectures)
+from sae_ext.bench import mean_sd  # noqa: E402
 from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache  # noqa: E402
 from sae_ext.data import default_token_dataset  # noqa: E402
 from sae_ext.demo import capture_dir  # noqa: E402
@@ -41,10 +41,6 @@ from sae_ext.splicing import iter_activations  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONTEXT = 128
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def plot_heatmaps(runs: dict[str, list[dict[str, Any]]], widths: list[int], path: Path) -> None:

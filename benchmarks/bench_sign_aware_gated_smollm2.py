@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from sae_lens import SAE
 
 import sae_ext  # noqa: F401
+from sae_ext.bench import format_mean_sd, mean_sd
 from sae_ext.capture import capture_activations, hook_width, train_on_cache
 from sae_ext.data import default_token_dataset
 from sae_ext.demo import capture_dir
@@ -81,8 +81,7 @@ def main() -> None:
                 "ce_loss_recovered": ev["ce_loss_score"],
             })
     summary = {
-        name: {m: (statistics.fmean(v := [r[m] for r in rs if r[m] is not None]), statistics.stdev(v) if len(v) > 1 else 0.0)
-               for m in METRICS}
+        name: {m: mean_sd(r[m] for r in rs) for m in METRICS}
         for name, rs in runs.items()
     }
     RESULTS.mkdir(exist_ok=True)
@@ -91,7 +90,7 @@ def main() -> None:
          "wall_seconds": time.perf_counter() - t0}, indent=2))
     md = [f"# SA-GSAE@H ablations on SmolLM2-135M `{args.hook}` (seeds {args.seeds}, λ {args.l1_coefficient}, "
           f"{args.tokens:,} tokens)", "", "| variant | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    md += ["| " + name + " | " + " | ".join(f"{m:.4g} ± {s:.2g}" for m, s in (st[k] for k in METRICS)) + " |"
+    md += ["| " + name + " | " + " | ".join(format_mean_sd(*st[k]) for k in METRICS) + " |"
            for name, st in summary.items()]
     md += ["", f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_sign_aware_gated_smollm2.py "
                f"--hook {args.hook} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from sae_ext.bench import format_mean_sd, mean_sd
 from sae_ext.demo import add_demo_arguments, run_demo
 from sae_ext.perf import retain_freed_memory
 
@@ -63,17 +63,6 @@ def out_dirs_reports(args: argparse.Namespace) -> list[Path]:
     suffixes = [""] + (["_sasa_half"] if args.half_budget > 0 and (not args.only or "sasa" in args.only) else [])
     return [args.out / hook / f"seed{seed}{suffix}" / "report.json"
             for hook in args.hooks for seed in args.seeds for suffix in suffixes]
-
-
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def fmt(m: float | None, s: float | None) -> str:
-    return "–" if m is None else f"{m:.4g} ± {s:.2g}"
 
 
 def main() -> None:
@@ -130,7 +119,7 @@ def main() -> None:
     md = [f"# SmolLM2-135M results (seeds {args.seeds}, {args.tokens:,} training tokens per SAE)", ""]
     for hook, by_name in summary.items():
         md += [f"## `{hook}`", "", "| SAE | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        md += ["| " + name + " | " + " | ".join(fmt(*stats[c]) for c in cols) + " |" for name, stats in by_name.items()]
+        md += ["| " + name + " | " + " | ".join(format_mean_sd(*stats[c]) for c in cols) + " |" for name, stats in by_name.items()]
         md.append("")
     md.append(f"Wall time {time.perf_counter() - t0:.0f} s; the runs' own totals sum to {run_seconds:.0f} s "
               f"(they differ where `--resume` reused finished runs). Command: `python benchmarks/bench_smollm2.py "

@@ -9,9 +9,12 @@ suite uses; without it the full runs reproduce ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 #: script name -> arguments that direct its output into ``{out}``
@@ -20,6 +23,21 @@ SYNTHETIC_BENCHMARKS: dict[str, list[str]] = {
     "bench_scaffold.py": ["--out", "{out}/scaffold"],
     "bench_sasa.py": ["--out", "{out}/sasa"],
 }
+
+
+def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample sd over seeds, the benchmarks' "mean ± sd"; missing (None) and NaN values
+    are skipped (a metric an SAE does not have), and nothing left gives ``(None, None)`` (JSON null).
+    One value has sd 0."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def format_mean_sd(mean: float | None, sd: float | None) -> str:
+    """``"m ± sd"`` for a results table (4 and 2 significant digits), ``"–"`` for a missing metric."""
+    return "–" if mean is None or sd is None else f"{mean:.4g} ± {sd:.2g}"
 
 
 def benchmarks_dir() -> Path:

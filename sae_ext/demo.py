@@ -209,6 +209,11 @@ def capture_dir(activations_dir: str | Path, hook: str, context_size: int, n_row
     at ``hook``; benchmarks that share a capture with a demo run use the same path."""
     from sae_ext.models import DEFAULT_MODEL_NAME
 
+    if not hook or "/" in hook:
+        raise ValueError(f"hook must be a hook name such as 'blocks.15.hook_mlp_out', got {hook!r}")
+    for name, value in (("context_size", context_size), ("n_rows", n_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     return Path(activations_dir) / f"{DEFAULT_MODEL_NAME}_{hook.replace('.', '_')}_{context_size}_{n_rows}"
 
 

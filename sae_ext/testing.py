@@ -7,6 +7,7 @@ token dataset, so anything that needs "a model" runs in seconds on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,6 +91,11 @@ def fit_on_stream(
     Constant learning rate; ``trainer_overrides`` go to ``SAETrainerConfig`` (e.g. the dead-feature
     and feature-sampling windows), so short test runs still reach the trainer's periodic paths.
     """
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,

@@ -38,3 +38,16 @@ def test_smollm2_resume_reuses_only_runs_with_identical_arguments(tmp_path: Path
     assert bench.run_or_resume(args, resume=True) == rows
     for changed in [{"seed": 2}, {"tokens": 2000}, {"only": ["sasa", "topk k32"]}]:
         assert bench.finished_rows(bench.demo_args(**{**vars(args), **changed})) is None, changed
+
+
+def test_mean_sd_skips_missing_values_and_formats_them_as_a_dash() -> None:
+    import math
+    import statistics
+
+    from sae_ext.bench import format_mean_sd, mean_sd
+
+    assert mean_sd([1.0, None, 3.0, float("nan")]) == (2.0, statistics.stdev([1.0, 3.0]))
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    assert mean_sd([None, math.nan]) == (None, None)
+    assert format_mean_sd(*mean_sd([1.0, 3.0])) == "2 ± 1.4"
+    assert format_mean_sd(None, None) == "–"

@@ -35,6 +35,11 @@ def test_demo_on_a_tiny_budget_writes_the_report(tmp_path: Path, capsys) -> None
     assert (tmp_path / "report.md").read_text().count("|") > 20
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "CE without SAE" in capsys.readouterr().out
+    # the capture sits where benchmarks sharing it look for it
+    from sae_ext.demo import capture_dir
+
+    n_rows = report["captured_tokens"] // report["args"]["context_size"]
+    assert capture_dir(tmp_path / "activations", report["hook"], report["args"]["context_size"], n_rows).is_dir()
     # `sae-ext eval` on a trained plugin SAE, with every splice, on the embedded model
     sasa = next(r for r in report["rows"] if r["name"] == "sasa")
     main(["eval", sasa["path"], "--tokens", "256", "--out", str(tmp_path / "eval")])
@@ -59,3 +64,16 @@ def test_demo_l1_coefficient_reaches_both_gated_entries() -> None:
     assert all(c.l1_coefficient == 3.0 for c in gated)
     with pytest.raises(ValueError, match="--l1-coefficient must be >= 0, got -1"):
         demo_entries(l1_coefficient=-1.0)
+
+
+def test_capture_dir_names_model_hook_and_size_and_rejects_bad_values(tmp_path: Path) -> None:
+    from sae_ext.demo import capture_dir
+    from sae_ext.models import DEFAULT_MODEL_NAME
+
+    path = capture_dir(tmp_path, "blocks.15.hook_mlp_out", 128, 468)
+    assert path == tmp_path / f"{DEFAULT_MODEL_NAME}_blocks_15_hook_mlp_out_128_468"
+    assert capture_dir(tmp_path, "blocks.15.hook_attn_out", 128, 468) != path
+    for bad in [dict(hook=""), dict(hook="a/b"), dict(context_size=0), dict(n_rows=-1), dict(n_rows=2.5)]:
+        kw = {"hook": "blocks.15.hook_mlp_out", "context_size": 128, "n_rows": 468, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            capture_dir(tmp_path, **kw)
