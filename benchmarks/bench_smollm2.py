@@ -58,13 +58,6 @@ def run_or_resume(args: argparse.Namespace, resume: bool) -> list[dict[str, Any]
     return run_demo(args)
 
 
-def out_dirs_reports(args: argparse.Namespace) -> list[Path]:
-    """The ``report.json`` of every run of this invocation (hooks × seeds, plus the SASA fraction runs)."""
-    suffixes = [""] + (["_sasa_half"] if args.half_budget > 0 and (not args.only or "sasa" in args.only) else [])
-    return [args.out / hook / f"seed{seed}{suffix}" / "report.json"
-            for hook in args.hooks for seed in args.seeds for suffix in suffixes]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hooks", nargs="+", default=["blocks.15.hook_resid_post"])
@@ -87,20 +80,23 @@ def main() -> None:
     retain_freed_memory()
     t0 = time.perf_counter()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    run_dirs: list[Path] = []  # every run of this invocation, resumed or not
+    half_sasa = args.half_budget > 0 and (not args.only or "sasa" in args.only)
     for hook in args.hooks:
         for seed in args.seeds:
             common = dict(hook=hook, seed=seed, capture_tokens=args.capture_tokens, eval_tokens=args.eval_tokens,
                           width=args.width, k=args.k, full_eval=not args.no_full_eval,
                           l1_coefficient=args.l1_coefficient,
                           activations_dir=str(args.out / "activations"))
-            rows = run_or_resume(demo_args(tokens=args.tokens, only=args.only,
-                                           out=str(args.out / hook / f"seed{seed}"), **common), args.resume)
-            if args.half_budget > 0 and (not args.only or "sasa" in args.only):
+            run_dirs.append(args.out / hook / f"seed{seed}")
+            rows = run_or_resume(demo_args(tokens=args.tokens, only=args.only, out=str(run_dirs[-1]), **common),
+                                 args.resume)
+            if half_sasa:
+                run_dirs.append(args.out / hook / f"seed{seed}_sasa_half")
                 rows += [
                     {**r, "name": f"sasa@{args.half_budget:g}×tokens"}
                     for r in run_or_resume(demo_args(tokens=int(args.tokens * args.half_budget), only=["sasa"],
-                                                     out=str(args.out / hook / f"seed{seed}_sasa_half"), **common),
-                                           args.resume)
+                                                     out=str(run_dirs[-1]), **common), args.resume)
                 ]
             for r in rows:
                 runs.setdefault(hook, {}).setdefault(r["name"], []).append(r)
@@ -109,7 +105,7 @@ def main() -> None:
         for hook, by_name in runs.items()
     }
     # compute time of every run, resumed or not: the sum of the runs' own recorded totals
-    run_seconds = sum(json.loads(f.read_text())["phase_seconds"]["total"] for f in out_dirs_reports(args))
+    run_seconds = sum(json.loads((d / "report.json").read_text())["phase_seconds"]["total"] for d in run_dirs)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs,
