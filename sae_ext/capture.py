@@ -1,9 +1,10 @@
-"""Capture activations at a TransformerLens hook once, store them on disk, and train several
+"""Capture activations at TransformerLens hooks once, store them on disk, and train several
 SAEs on the stored activations through SAELens's own runner (``use_cached_activations``).
 
-Capture is SAELens's ``CacheActivationsRunner`` (a ``datasets`` dataset of
-``[context_size, d_in]`` rows plus token ids) fed with a model object instead of a model name;
-training is ``LanguageModelSAETrainingRunner``. There is no second training loop here.
+The store is SAELens's cached-activations format (a ``datasets`` dataset of ``[context_size, d_in]``
+rows per hook plus the token ids), so SAELens's ``ActivationsStore`` reads it and filters special
+tokens by id; training is ``LanguageModelSAETrainingRunner`` with SPEC §8 applied
+(:mod:`sae_ext.protocol`). There is no second training loop here.
 """
 
 from __future__ import annotations
@@ -11,29 +12,42 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Array2D, Dataset, Features, Sequence, Value
+from datasets import Array2D, Dataset, Features, Value, concatenate_datasets
+from datasets import Sequence as ArrowList
 from sae_lens import (
-    CacheActivationsRunnerConfig,
+    SAE,
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
     LoggingConfig,
     TrainingSAE,
     TrainingSAEConfig,
 )
-from sae_lens.cache_activations_runner import CacheActivationsRunner, _mk_activations_store
+from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+from tqdm.auto import tqdm
+
+from sae_ext.protocol import apply_protocol
 
 CACHE_INFO = "sae_ext_cache.json"
+#: Storage types of a capture (Arrow has no bfloat16).
+STORAGE_DTYPES = frozenset({"float32", "float16"})
+#: Where train_on_cache keeps its mid-run checkpoints, inside its output folder.
+CHECKPOINTS_DIR = "checkpoints"
+#: What train_on_cache records of the protocol it applied, beside the saved SAE.
+PROTOCOL_FILE = "sae_ext_protocol.json"
 
 
 def check_hook_name(model: Any, hook_name: str) -> str:
     """Return ``hook_name`` if the model accepts it (bridge aliases included), else raise a
     ``ValueError`` listing the closest valid names."""
-    from sae_ext.splicing import resolve_hook_name
+    from sae_ext.model_io import resolve_hook_name
 
     resolve_hook_name(model, hook_name)
     return hook_name
@@ -58,38 +72,161 @@ class ActivationCache:
     n_tokens: int
     model_name: str
 
-    def save_info(self) -> None:
-        (Path(self.path) / CACHE_INFO).write_text(json.dumps(asdict(self), indent=2))
-
     @classmethod
-    def load(cls, path: str | Path) -> ActivationCache:
-        info = Path(path) / CACHE_INFO
-        if not info.is_file():
+    def load(cls, path: str | Path, hook_name: str | None = None) -> ActivationCache:
+        """The capture at ``path``; ``hook_name`` picks one hook of a multi-hook capture."""
+        info_path = Path(path) / CACHE_INFO
+        if not info_path.is_file():
             raise FileNotFoundError(f"{path} is not an sae_ext activation cache (no {CACHE_INFO})")
-        return cls(**json.loads(info.read_text()))
+        info = json.loads(info_path.read_text())
+        hooks = info["hook_names"]
+        if hook_name is None:
+            if len(hooks) != 1:
+                raise ValueError(f"{path} holds several hooks {hooks}; pass hook_name")
+            hook_name = hooks[0]
+        if hook_name not in hooks:
+            raise ValueError(f"{path} holds no hook {hook_name!r}; it holds {hooks}")
+        return cls(
+            path=str(path), hook_name=hook_name, d_in=info["d_ins"][hook_name],
+            context_size=info["context_size"], n_tokens=info["n_tokens"], model_name=info["model_name"],
+        )
+
+    def token_ids(self, max_tokens: int | None = None) -> torch.Tensor:
+        """The stored token id of every position, ``[n_tokens]`` (matches :meth:`activations`)."""
+        ds = Dataset.load_from_disk(self.path).with_format("torch", columns=["token_ids"])
+        rows = len(ds) if max_tokens is None else min(len(ds), math.ceil(max_tokens / self.context_size))
+        ids = ds[:rows]["token_ids"].reshape(-1).long()
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def activations(self, max_tokens: int | None = None) -> torch.Tensor:
         """The stored activations as one ``[n_tokens, d_in]`` tensor (for analysis on small caches)."""
-        ds = Dataset.load_from_disk(self.path).with_format("torch")
+        ds = Dataset.load_from_disk(self.path).with_format("torch", columns=[self.hook_name])
         rows = len(ds) if max_tokens is None else min(len(ds), math.ceil(max_tokens / self.context_size))
-        acts = ds[:rows][self.hook_name].reshape(-1, self.d_in)
+        acts = ds[:rows][self.hook_name].reshape(-1, self.d_in).float()
         return acts if max_tokens is None else acts[:max_tokens]
 
 
-class _ModelCacheActivationsRunner(CacheActivationsRunner):
-    """SAELens's ``CacheActivationsRunner`` on a model object instead of a model name."""
+def _storage_dtype(dtype: str) -> torch.dtype:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
 
-    def __init__(self, cfg: CacheActivationsRunnerConfig, model: Any, dataset: Dataset):
-        self.cfg = cfg
-        self.model = model
-        self.activations_store = _mk_activations_store(model, cfg, override_dataset=dataset)
-        self.context_size = self._get_sliced_context_size(cfg.context_size, cfg.seqpos_slice)
-        self.features = Features(
-            {
-                cfg.hook_name: Array2D(shape=(self.context_size, cfg.d_in), dtype=cfg.dtype),
-                "token_ids": Sequence(Value(dtype="int32"), length=self.context_size),
-            }
-        )
+
+def _reusable(out: Path, hooks: list[str], model_name: str, context_size: int, n_tokens: int) -> bool:
+    try:
+        info = json.loads((out / CACHE_INFO).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (
+        set(hooks) <= set(info.get("hook_names", [info.get("hook_name")]))
+        and info.get("model_name") == model_name
+        and info.get("context_size") == context_size
+        and info.get("n_tokens", 0) >= n_tokens
+    )
+
+
+def capture_hooks(
+    model: Any,
+    token_dataset: Dataset,
+    hook_names: Sequence[str],
+    out_dir: str | Path,
+    n_tokens: int | None = None,
+    *,
+    model_name: str = "model",
+    batch_size_prompts: int = 8,
+    dtype: str = "float32",
+    rows_per_shard: int = 256,
+    overwrite: bool = False,
+) -> dict[str, ActivationCache]:
+    """Run ``model`` once over ``token_dataset`` and store the activations at every hook of
+    ``hook_names`` for ``n_tokens`` tokens (default: the whole dataset).
+
+    The store is one ``datasets`` dataset in SAELens's cached-activations format (a
+    ``[context_size, d_in]`` column per hook plus ``token_ids``), so SAELens's ``ActivationsStore``
+    reads it with ``use_cached_activations`` and its ``exclude_special_tokens`` switch filters it
+    by token id (SPEC §8). Every position is stored; nothing is filtered at capture time. SAELens's
+    ``CacheActivationsRunner`` captures one hook per model pass; here one pass serves all hooks.
+    ``dtype`` is the storage type (``float16`` halves the disk; see ``benchmarks/RESULTS.md``).
+    A cache at ``out_dir`` holding these hooks for at least ``n_tokens`` tokens is reused.
+    """
+    hooks = list(dict.fromkeys(hook_names))
+    if not hooks:
+        raise ValueError("hook_names must name at least one hook")
+    for hook in hooks:
+        check_hook_name(model, hook)
+    np_dtype = _storage_dtype(dtype)
+    if len(token_dataset) == 0 or "input_ids" not in token_dataset.column_names:
+        raise ValueError("token_dataset must be a non-empty dataset with an 'input_ids' column")
+    context_size = len(token_dataset[0]["input_ids"])
+    available = len(token_dataset) * context_size
+    n_tokens = available if n_tokens is None else n_tokens
+    if n_tokens < context_size:
+        raise ValueError(f"n_tokens ({n_tokens}) must be at least the context size ({context_size})")
+    if n_tokens > available:
+        raise ValueError(f"n_tokens ({n_tokens}) exceeds the {available} tokens in the dataset")
+    for name, value in (("batch_size_prompts", batch_size_prompts), ("rows_per_shard", rows_per_shard)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        if _reusable(out, hooks, model_name, context_size, n_tokens):
+            return {h: ActivationCache.load(out, h) for h in hooks}
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and holds something else; pass overwrite=True")
+    if out.exists():
+        shutil.rmtree(out)
+    widths = {h: hook_width(model, h) for h in hooks}
+    n_rows = n_tokens // context_size
+    features = Features(
+        {
+            **{h: Array2D(shape=(context_size, widths[h]), dtype=dtype) for h in hooks},
+            "token_ids": ArrowList(Value(dtype="int32"), length=context_size),
+        }
+    )
+    stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in hooks]
+    stop_at_layer = None if any(s is None for s in stops) else max(s for s in stops if s is not None)
+    tmp = out / ".shards"
+    tmp.mkdir(parents=True)
+    shard: dict[str, list[torch.Tensor]] = {h: [] for h in [*hooks, "token_ids"]}
+    shard_paths: list[str] = []
+
+    def flush() -> None:
+        if not shard["token_ids"]:
+            return
+        data = {k: torch.cat(v).numpy() for k, v in shard.items()}
+        path = str(tmp / f"shard_{len(shard_paths):05d}")
+        Dataset.from_dict(data, features=features).save_to_disk(path)
+        shard_paths.append(path)
+        for v in shard.values():
+            v.clear()
+
+    input_ids = torch.as_tensor(token_dataset[:n_rows]["input_ids"], dtype=torch.long)
+    kwargs = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
+    with torch.no_grad():
+        for start in tqdm(range(0, n_rows, batch_size_prompts), desc=f"capture {len(hooks)} hook(s)", unit="batch"):
+            toks = input_ids[start : start + batch_size_prompts]
+            _, cache = model.run_with_cache(toks, names_filter=hooks, prepend_bos=False, **kwargs)
+            for h in hooks:
+                # float16 storage: go through float32 so bfloat16 models round once
+                shard[h].append(cache[h].detach().float().to(np_dtype).cpu())
+            shard["token_ids"].append(toks.to(torch.int32))
+            if sum(t.shape[0] for t in shard["token_ids"]) >= rows_per_shard:
+                flush()
+        flush()
+    data_dir = out
+    concatenate_datasets([Dataset.load_from_disk(p) for p in shard_paths]).save_to_disk(str(data_dir))
+    shutil.rmtree(tmp)
+    info = {
+        "path": str(out),
+        "hook_names": hooks,
+        "d_ins": widths,
+        "context_size": context_size,
+        "n_tokens": n_rows * context_size,
+        "model_name": model_name,
+        "dtype": dtype,
+    }
+    (out / CACHE_INFO).write_text(json.dumps(info, indent=2))
+    return {h: ActivationCache.load(out, h) for h in hooks}
 
 
 def capture_activations(
@@ -97,75 +234,18 @@ def capture_activations(
     token_dataset: Dataset,
     hook_name: str,
     out_dir: str | Path,
-    n_tokens: int,
+    n_tokens: int | None = None,
     *,
     model_name: str = "model",
     batch_size_prompts: int = 8,
     dtype: str = "float32",
-    n_shards: int = 10,
     overwrite: bool = False,
 ) -> ActivationCache:
-    """Run ``model`` over ``token_dataset`` and store ``n_tokens`` activations at ``hook_name``.
-
-    A cache already at ``out_dir`` with the same hook, model and at least ``n_tokens`` tokens is
-    reused. Progress is shown per shard (``n_shards`` shards).
-    """
-    check_hook_name(model, hook_name)
-    context_size = len(token_dataset[0]["input_ids"])
-    if n_tokens < context_size:
-        raise ValueError(f"n_tokens ({n_tokens}) must be at least the context size ({context_size})")
-    available = len(token_dataset) * context_size
-    if n_tokens > available:
-        raise ValueError(f"n_tokens ({n_tokens}) exceeds the {available} tokens in the dataset")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        try:
-            cache = ActivationCache.load(out)
-        except FileNotFoundError:
-            cache = None
-        if (
-            cache is not None
-            and cache.hook_name == hook_name
-            and cache.model_name == model_name
-            and cache.context_size == context_size
-            and cache.n_tokens >= n_tokens
-        ):
-            return cache
-        if any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and holds something else; pass overwrite=True")
-    if out.exists():
-        shutil.rmtree(out)
-    d_in = hook_width(model, hook_name)
-    n_seqs = n_tokens // context_size
-    batch_size_prompts = max(1, min(batch_size_prompts, n_seqs))
-    seqs_per_shard = max(batch_size_prompts, math.ceil(n_seqs / n_shards / batch_size_prompts) * batch_size_prompts)
-    bytes_per_token = d_in * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    cfg = CacheActivationsRunnerConfig(
-        dataset_path="sae_ext-token-dataset",
-        model_name=model_name,
-        model_batch_size=batch_size_prompts,
-        hook_name=hook_name,
-        d_in=d_in,
-        training_tokens=n_seqs * context_size,
-        context_size=context_size,
-        new_cached_activations_path=str(out),
-        shuffle=False,
-        dtype=dtype,
-        device="cpu",
-        buffer_size_gb=seqs_per_shard * context_size * bytes_per_token / 1e9,
-        prepend_bos=False,  # rows already start with BOS where the tokenizer has one
-    )
-    _ModelCacheActivationsRunner(cfg, model, token_dataset).run()
-    cache = ActivationCache(
-        path=str(out),
-        hook_name=hook_name,
-        d_in=d_in,
-        context_size=context_size,
-        n_tokens=len(Dataset.load_from_disk(str(out))) * context_size,
-        model_name=model_name,
-    )
-    cache.save_info()
-    return cache
+    """:func:`capture_hooks` for one hook."""
+    return capture_hooks(
+        model, token_dataset, [hook_name], out_dir, n_tokens, model_name=model_name,
+        batch_size_prompts=batch_size_prompts, dtype=dtype, overwrite=overwrite,
+    )[hook_name]
 
 
 def train_on_cache(
@@ -180,19 +260,33 @@ def train_on_cache(
     lr: float = 3e-4,
     seed: int = 42,
     n_batches_for_norm_estimate: int = 50,
+    exclude_special_tokens: bool | list[int] = True,
+    dead_feature_window: int | None = None,
+    n_checkpoints: int = 0,
     **runner_kwargs: Any,
 ) -> TrainingSAE:
-    """Train one SAE on a stored capture with SAELens's ``LanguageModelSAETrainingRunner``.
+    """Train one SAE on a stored capture with SAELens's ``LanguageModelSAETrainingRunner``,
+    under SPEC §8: special tokens out of every batch and of the norm estimate
+    (``exclude_special_tokens``: the model tokenizer's special ids, an explicit list, or False),
+    the dead-feature window sized to the run unless given.
 
     ``model`` and ``token_dataset`` are only handed to the runner for its constructor and
     evaluator; activations come from the cache. The trained SAE is saved to ``out_dir``
     (inference format, loadable with ``SAE.load_from_disk`` after ``import sae_ext``).
+    ``n_checkpoints`` evenly spaced mid-run checkpoints (SAELens's own) are kept as
+    ``out_dir/checkpoints/<tokens seen>``; ``n_checkpoints=1`` is the half-budget point of the
+    convergence check (SPEC §8). :func:`load_checkpoint` turns one into an inference SAE; with a
+    constant learning rate (the default) it is the SAE a run of that budget would have given.
     """
     if sae_cfg.d_in != cache.d_in:
         raise ValueError(f"SAE d_in ({sae_cfg.d_in}) != activation width {cache.d_in} at {cache.hook_name}")
     training_tokens = training_tokens or cache.n_tokens
     n_rows = len(Dataset.load_from_disk(cache.path))
     store_batch = min(8, n_rows)
+    out = Path(out_dir)
+    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int) or n_checkpoints < 0:
+        raise ValueError(f"n_checkpoints must be an int >= 0, got {n_checkpoints!r}")
+    run_ckpts = out / ".checkpoints"
     cfg = LanguageModelSAERunnerConfig(
         sae=sae_cfg,
         model_name=cache.model_name,
@@ -211,11 +305,60 @@ def train_on_cache(
         n_batches_for_norm_estimate=n_batches_for_norm_estimate,
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
-        output_path=str(out_dir),
-        checkpoint_path=str(Path(out_dir) / "checkpoints"),
+        output_path=str(out),
+        n_checkpoints=n_checkpoints,
+        checkpoint_path=str(run_ckpts) if n_checkpoints else None,
         verbose=False,
         **runner_kwargs,
     )
+    apply_protocol(cfg, model, exclude_special_tokens=exclude_special_tokens, dead_window=dead_feature_window)
     torch.manual_seed(seed)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=token_dataset, override_model=model)
-    return runner.run()
+    sae = runner.run()
+    (out / PROTOCOL_FILE).write_text(json.dumps({
+        "training_tokens": cfg.training_tokens,
+        "train_batch_size_tokens": cfg.train_batch_size_tokens,
+        "dead_feature_window": cfg.dead_feature_window,
+        "exclude_special_tokens": cfg.exclude_special_tokens,
+        "lr": cfg.lr,
+        "seed": seed,
+    }, indent=2))
+    if n_checkpoints:
+        kept = out / CHECKPOINTS_DIR
+        if kept.exists():
+            shutil.rmtree(kept)
+        kept.mkdir()
+        for weights in list(Path(cfg.checkpoint_path).rglob(SAE_WEIGHTS_FILENAME)):
+            shutil.move(str(weights.parent), kept / weights.parent.name)
+        shutil.rmtree(run_ckpts)
+    return sae
+
+
+def checkpoint_dirs(out_dir: str | Path) -> dict[int, Path]:
+    """The mid-run checkpoints a ``train_on_cache(..., n_checkpoints=N)`` run kept, by tokens seen."""
+    kept = Path(out_dir) / CHECKPOINTS_DIR
+    if not kept.is_dir():
+        return {}
+    return dict(sorted((int(p.name), p) for p in kept.iterdir() if (p / SAE_WEIGHTS_FILENAME).is_file()))
+
+
+def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SAE[Any]:
+    """The inference SAE of one mid-run checkpoint (see :func:`checkpoint_dirs`).
+
+    A checkpoint holds the training SAE in SAELens's normalised units and the activation scaler;
+    the scaling factor is folded in and the training SAE converted to its inference architecture
+    as SAELens does at the end of a run (BatchTopK becomes JumpReLU with the threshold reached so far).
+    """
+    import tempfile
+
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / SAE_WEIGHTS_FILENAME).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a training checkpoint (no {SAE_WEIGHTS_FILENAME})")
+    sae = TrainingSAE.load_from_disk(ckpt, device=device)
+    scaler = ActivationScaler()
+    scaler.load(ckpt / ACTIVATION_SCALER_CFG_FILENAME)
+    if scaler.scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_inference_model(tmp)
+        return SAE.load_from_disk(tmp, device=device)

@@ -20,6 +20,7 @@ def test_capture_stores_the_model_activations(tiny_model, token_dataset, tmp_pat
     # a second call with the same request reuses the stored capture
     again = capture_activations(tiny_model, token_dataset, HOOK, tmp_path / "c", n_tokens=256)
     assert again == cache == ActivationCache.load(tmp_path / "c")
+    torch.testing.assert_close(cache.token_ids(), toks.reshape(-1))
 
 
 def test_several_saes_train_on_one_capture_without_running_the_model(
@@ -34,7 +35,7 @@ def test_several_saes_train_on_one_capture_without_running_the_model(
     for arch in ("batchtopk", "gated"):
         train_on_cache(
             small_training_config(arch), cache, tiny_model, token_dataset, tmp_path / arch,
-            training_tokens=2048, train_batch_size_tokens=128,
+            training_tokens=2048, train_batch_size_tokens=128, exclude_special_tokens=[0],
         )
         sae = SAE.load_from_disk(tmp_path / arch)
         assert sae.cfg.metadata.hook_name == HOOK

@@ -1,0 +1,118 @@
+"""SPEC §8, the real-activation protocol, as settings every training path applies.
+
+- Special tokens (the tokenizer's special ids: BOS, EOS, PAD, chat markers) never reach a training
+  batch, the normalisation estimate or a data-driven init: SAELens's own
+  ``exclude_special_tokens`` switch does the filtering, on live activations and on cached ones
+  (the capture keeps each position's token id).
+- The dead-feature window is sized to the run (≤ 10 % of its steps) unless the user set it, so
+  AuxK, SASA's group AuxK and SA-GSAE's dead-latent terms act in short runs too.
+- A run is converged when held-out R² moved by at most ``CONVERGENCE_TOLERANCE`` between half its
+  budget and its full budget.
+
+This module sits below ``capture``, ``demo``, ``cli`` and the benchmarks; it imports nothing of
+``sae_ext`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from sae_lens.util import get_special_token_ids
+
+logger = logging.getLogger(__name__)
+
+#: Share of a run's steps that the dead-feature window may span (SPEC §8: ≤ 10 %).
+DEAD_WINDOW_FRACTION = 0.1
+#: Held-out R² change between half and full budget below which a run counts as converged.
+CONVERGENCE_TOLERANCE = 0.01
+
+
+def special_token_ids(model: Any) -> list[int]:
+    """The special-token ids of ``model``'s tokenizer (sorted); ``[]`` when it has no tokenizer."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return sorted(get_special_token_ids(tokenizer)) if tokenizer is not None else []
+
+
+def resolve_special_tokens(model: Any, exclude: bool | list[int]) -> list[int] | bool:
+    """What to hand SAELens's ``exclude_special_tokens``: ``True`` becomes the model tokenizer's
+    special ids, an explicit list is checked, ``False`` turns the protocol off.
+
+    A model without a tokenizer (the tests' tiny ``HookedTransformer``) has no special ids to find:
+    ``True`` is then an error, so that nothing silently trains on BOS.
+    """
+    if exclude is False:
+        return False
+    if exclude is True:
+        ids = special_token_ids(model)
+        if not ids:
+            raise ValueError(
+                "exclude_special_tokens=True needs a model with a tokenizer that has special tokens; "
+                "pass the ids to exclude as a list of ints, or False to train on every position"
+            )
+        return ids
+    if not isinstance(exclude, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in exclude
+    ):
+        raise ValueError(f"exclude_special_tokens must be True, False or a list of token ids >= 0, got {exclude!r}")
+    return sorted(set(exclude))
+
+
+def total_steps(training_tokens: int, batch_size_tokens: int) -> int:
+    """Optimiser steps of a run of ``training_tokens`` in batches of ``batch_size_tokens``."""
+    for name, value in (("training_tokens", training_tokens), ("batch_size_tokens", batch_size_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return math.ceil(training_tokens / batch_size_tokens)
+
+
+def dead_feature_window(training_tokens: int, batch_size_tokens: int, requested: int | None = None) -> int:
+    """The dead-feature window of a run: ``requested`` if given, else 10 % of its steps (at least 1).
+
+    SAELens's default of 1000 steps is longer than a whole CPU-budget run, so without this the
+    dead-latent machinery (AuxK and friends) never acts.
+    """
+    steps = total_steps(training_tokens, batch_size_tokens)
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"dead_feature_window must be a positive int, got {requested!r}")
+        return requested
+    return max(1, int(steps * DEAD_WINDOW_FRACTION))
+
+
+def apply_protocol(
+    cfg: Any,
+    model: Any | None = None,
+    *,
+    exclude_special_tokens: bool | list[int] = True,
+    dead_window: int | None = None,
+) -> Any:
+    """Apply SPEC §8 to a ``LanguageModelSAERunnerConfig`` in place and return it.
+
+    ``exclude_special_tokens`` (default: the model tokenizer's special ids) goes to SAELens's own
+    switch (with no ``model`` at hand, ``True`` is left for SAELens to resolve when it loads one); the dead-feature window is ``dead_window`` if the user chose one, else 10 % of the run's
+    steps. The feature-sampling window is widened to at least the dead window. Both are logged.
+    """
+    if model is None and exclude_special_tokens is True:
+        cfg.exclude_special_tokens = True
+    else:
+        cfg.exclude_special_tokens = resolve_special_tokens(model, exclude_special_tokens)
+    window = dead_feature_window(cfg.training_tokens, cfg.train_batch_size_tokens, dead_window)
+    cfg.dead_feature_window = window
+    cfg.feature_sampling_window = max(cfg.feature_sampling_window, window)
+    steps = total_steps(cfg.training_tokens, cfg.train_batch_size_tokens)
+    logger.info(
+        "SPEC §8: dead-feature window %d of %d steps; special tokens excluded: %s",
+        window, steps, cfg.exclude_special_tokens,
+    )
+    return cfg
+
+
+def is_converged(r2_half: float, r2_full: float, tolerance: float = CONVERGENCE_TOLERANCE) -> bool:
+    """SPEC §8: converged when held-out R² moved by at most ``tolerance`` from half to full budget."""
+    if not (math.isfinite(r2_half) and math.isfinite(r2_full)):
+        raise ValueError(f"R² values must be finite, got {r2_half!r} and {r2_full!r}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
+    return abs(r2_full - r2_half) <= tolerance
