@@ -28,16 +28,14 @@ import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 from sae_lens.registry import get_sae_training_class  # noqa: E402
 
-import sae_ext  # noqa: E402,F401  (registers the architectures)
 from sae_ext.bench import mean_sd  # noqa: E402
 from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache  # noqa: E402
 from sae_ext.data import default_token_dataset  # noqa: E402
 from sae_ext.demo import capture_dir  # noqa: E402
-from sae_ext.evaluate import _special_token_ids  # noqa: E402
 from sae_ext.metrics.dark_matter import error_norm_predictability, sae_error_norms  # noqa: E402
+from sae_ext.model_io import iter_activations  # noqa: E402
 from sae_ext.models import DEFAULT_MODEL_NAME, load_default_model  # noqa: E402
 from sae_ext.perf import retain_freed_memory  # noqa: E402
-from sae_ext.splicing import iter_activations  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONTEXT = 128
@@ -104,7 +102,7 @@ def main() -> None:
         )  # fmt: skip
         d_in = hook_width(model, hook)
         with torch.no_grad():
-            x = torch.cat(list(iter_activations(model, hook, eval_toks, exclude_tokens=_special_token_ids(model))))
+            x = torch.cat(list(iter_activations(model, hook, eval_toks)))  # special tokens dropped
         for seed in args.seeds:
             norms: dict[int, torch.Tensor] = {}
             fvu: dict[int, float] = {}

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from sae_lens import SAE
 
-import sae_ext  # noqa: F401  (registers the architectures)
 from sae_ext.data import default_token_dataset
-from sae_ext.evaluate import _special_token_ids
 from sae_ext.metrics.dark_matter import error_norm_predictability, sae_error_norms
+from sae_ext.model_io import iter_activations
 from sae_ext.models import load_default_model
-from sae_ext.splicing import iter_activations
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,7 +40,7 @@ def main() -> None:
     ds = default_token_dataset(model.tokenizer, 128, n_tokens=args.tokens, split="eval")
     toks = torch.tensor(ds["input_ids"])
     with torch.no_grad():
-        x = torch.cat(list(iter_activations(model, args.hook, toks, exclude_tokens=_special_token_ids(model))))
+        x = torch.cat(list(iter_activations(model, args.hook, toks)))  # special tokens dropped
         norms = {d.name: sae_error_norms(SAE.load_from_disk(d), x, progress=False) for d in sae_dirs}
     names = list(norms)
     r2 = {i: {j: error_norm_predictability(norms[i], norms[j]).r2 for j in names if j != i} for i in names}

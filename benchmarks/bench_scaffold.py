@@ -47,14 +47,8 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
 from sae_lens.registry import get_sae_training_class  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
-import sae_ext  # noqa: E402,F401  (registers the architectures)
-from sae_ext.metrics.dense import (  # noqa: E402
-    dense_count,
-    dense_mask,
-    firing_counts,
-    pca_directions,
-    principal_angles_degrees,
-)
+from sae_ext.metrics.dense import dense_count, dense_mask, firing_counts  # noqa: E402
+from sae_ext.metrics.pca import pca_directions, principal_angles_degrees  # noqa: E402
 from sae_ext.saes.scaffold import default_matryoshka_widths  # noqa: E402
 from sae_ext.synthetic.lowrank import SparsePlusLowRank  # noqa: E402
 

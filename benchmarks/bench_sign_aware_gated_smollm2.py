@@ -19,7 +19,6 @@ from typing import Any
 
 from sae_lens import SAE
 
-import sae_ext  # noqa: F401
 from sae_ext.bench import format_mean_sd, mean_sd
 from sae_ext.capture import capture_activations, hook_width, train_on_cache
 from sae_ext.data import default_token_dataset
@@ -74,11 +73,11 @@ def main() -> None:
                            train_batch_size_tokens=1024, lr=1e-3, seed=seed)
             res = evaluate_sae(SAE.load_from_disk(sae_dir), model, eval_ds, n_tokens=len(eval_ds) * 128,
                                splices=False, progress=False)
-            ev, dic = res["run_evals"], res["dictionary"]
+            ev, dic = res.run_evals, res.dictionary
             runs.setdefault(name, []).append({
-                "seed": seed, "l0": ev["l0"], "explained_variance": ev["explained_variance"],
-                "dead_fraction": dic["dead_fraction"], "bipolar_fraction": dic.get("bipolar_fraction"),
-                "ce_loss_recovered": ev["ce_loss_score"],
+                "seed": seed, "l0": ev.l0, "explained_variance": ev.explained_variance,
+                "dead_fraction": dic.dead_fraction, "bipolar_fraction": dic.bipolar_fraction,
+                "ce_loss_recovered": ev.ce_loss_score,
             })
     summary = {
         name: {m: mean_sd(r[m] for r in rs) for m in METRICS}

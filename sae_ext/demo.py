@@ -63,37 +63,38 @@ def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 10.0)
     ]
 
 
-def summarize(name: str, architecture: str, res: dict[str, Any]) -> dict[str, Any]:
-    """One table row from an :func:`sae_ext.evaluate.evaluate_sae` result."""
-    ev, dm, dic = res["run_evals"], res["dark_matter"], res["dictionary"]
-    dmc, sc = res.get("dark_matter_ce") or {}, res.get("scaffold") or {}
-    groups = dic.get("groups") or {}
-    return {
+def summarize(name: str, architecture: str, res: Any) -> dict[str, Any]:
+    """One table row (JSON-safe: NaN as None) from the :class:`~sae_ext.eval_result.EvaluationResult`
+    of :func:`sae_ext.evaluate.evaluate_sae`, read by attribute."""
+    from sae_ext.eval_result import json_safe
+
+    ev, dm, dic, dmc, sc = res.run_evals, res.dark_matter, res.dictionary, res.dark_matter_ce, res.scaffold
+    return json_safe({
         "name": name,
         "architecture": architecture,
-        "d_sae": res["sae"]["d_sae"],
-        "l0": ev["l0"],
-        "explained_variance": ev["explained_variance"],
-        "dead_fraction": dic["dead_fraction"],
-        "dense_fraction": dic["dense_fraction"],
-        "ce_clean": ev["ce_loss_without_sae"],
-        "ce_sae": ev["ce_loss_with_sae"],
-        "ce_zero_ablation": ev["ce_loss_with_ablation"],
-        "ce_loss_recovered": ev["ce_loss_score"],
-        "kl_score": ev["kl_div_score"],
-        "error_r2": dm["error_r2"],
-        "norm_r2": dm["norm_r2"],
-        "fvu": dm["fvu"],
-        "nonlinear_fvu": dm["nonlinear_fvu"],
-        "ce_sae_linear": dmc.get("ce_sae_linear"),
-        "ce_sae_nonlinear": dmc.get("ce_sae_nonlinear"),
-        "bipolar_fraction": dic.get("bipolar_fraction"),
-        "positive_share_hist": dic.get("positive_share_hist"),
-        "mean_group_stable_rank": groups.get("mean_stable_rank"),
-        "group_rank90_counts": groups.get("rank90_counts"),
-        "scaffold_ce_ratio": (sc.get("ablation") or {}).get("ce_ratio"),
-        "pca_removal_ce_ratio": (sc.get("pca_removal") or {}).get("ce_ratio"),
-    }
+        "d_sae": res.sae.d_sae,
+        "l0": ev.l0,
+        "explained_variance": ev.explained_variance,
+        "dead_fraction": dic.dead_fraction,
+        "dense_fraction": dic.dense_fraction,
+        "ce_clean": ev.ce_loss_without_sae,
+        "ce_sae": ev.ce_loss_with_sae,
+        "ce_zero_ablation": ev.ce_loss_with_ablation,
+        "ce_loss_recovered": ev.ce_loss_score,
+        "kl_score": ev.kl_div_score,
+        "error_r2": dm.error_r2,
+        "norm_r2": dm.norm_r2,
+        "fvu": dm.fvu,
+        "nonlinear_fvu": dm.nonlinear_fvu,
+        "ce_sae_linear": dmc.ce_sae_linear if dmc else None,
+        "ce_sae_nonlinear": dmc.ce_sae_nonlinear if dmc else None,
+        "bipolar_fraction": dic.bipolar_fraction,
+        "positive_share_hist": dic.positive_share_hist,
+        "mean_group_stable_rank": dic.mean_group_stable_rank,
+        "group_rank90_counts": dic.group_rank90_counts,
+        "scaffold_ce_ratio": sc.ablation.ce_ratio if sc else None,
+        "pca_removal_ce_ratio": sc.pca_removal.ce_ratio if sc and sc.pca_removal else None,
+    })
 
 
 COLUMNS = [

@@ -13,6 +13,8 @@ from sae_lens.registry import get_sae_class
 from transformer_lens.hook_points import HookPoint
 
 from sae_ext.evaluate import add_eval_arguments, evaluate_sae, run_eval_command
+from sae_ext.evaluation_spec import EvaluationSpec
+from sae_ext.metrics.groups import stable_rank
 from sae_ext.testing import random_token_dataset, tiny_hooked_transformer
 
 HOOK = "blocks.0.hook_resid_post"
@@ -33,12 +35,16 @@ def _sae(seed: int = 0) -> StandardSAE:
 
 
 class _ScaffoldStandIn(StandardSAE):
-    """A built-in SAE with a ``hook_scaffold`` on its decoder bias path."""
+    """A built-in SAE with a ``hook_scaffold`` on its decoder bias path, declared to the
+    evaluation through ``evaluation_spec`` (no PCA rank: the test passes ``pca_rank``)."""
 
     def __init__(self, cfg: StandardSAEConfig) -> None:
         super().__init__(cfg)
         self.hook_scaffold = HookPoint()
         self.setup()
+
+    def evaluation_spec(self) -> EvaluationSpec:
+        return EvaluationSpec(ablation_hook="hook_scaffold")
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         s = self.hook_scaffold(self.b_dec.expand(*feature_acts.shape[:-1], -1))
@@ -52,21 +58,22 @@ def test_evaluate_sae_writes_json_and_markdown(model, tmp_path):
     )
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "firing_rate_hist.png"]
     on_disk = json.loads((out / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert on_disk == res
-    assert res["n_tokens"] == N_TOKENS and res["sae"]["hook_name"] == HOOK
-    for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0"):
-        assert isinstance(res["run_evals"][key], float)
-    dm = res["dark_matter"]
-    assert dm["n_train"] + dm["n_test"] == N_TOKENS
-    assert res["dictionary"]["n_tokens"] == N_TOKENS
+    assert on_disk == res.to_dict()
+    assert res.n_tokens == N_TOKENS and res.sae.hook_name == HOOK and res.n_special_positions == 0
+    ev = res.run_evals
+    for v in (ev.ce_loss_score, ev.kl_div_score, ev.explained_variance, ev.l0):
+        assert isinstance(v, float) and v == v
+    assert res.dark_matter.n_train + res.dark_matter.n_test == N_TOKENS
+    assert res.dictionary.n_tokens == N_TOKENS
     # L0 from our own counters agrees with SAELens's run_evals on the same tokens
-    assert res["dictionary"]["l0"] == pytest.approx(res["run_evals"]["l0"], rel=1e-5)
-    zero = res["error_node_ablation"]["zero"]
-    assert zero["ce_spliced"] == pytest.approx(zero["ce_clean"], abs=1e-5)
-    assert zero["ce_ablated"] == pytest.approx(zero["ce_sae"], abs=1e-6)
-    assert res["dark_matter_ce"]["ce_sae"] == pytest.approx(zero["ce_sae"], abs=1e-6)
-    assert res["error_node_ablation"]["mean"]["mode"] == "mean"
-    assert res["scaffold"] is None
+    assert res.dictionary.l0 == pytest.approx(ev.l0, rel=1e-5)
+    assert res.error_node_ablation is not None and res.dark_matter_ce is not None
+    zero = res.error_node_ablation["zero"]
+    assert zero.ce_spliced == pytest.approx(zero.ce_clean, abs=1e-5)
+    assert zero.ce_ablated == pytest.approx(zero.ce_sae, abs=1e-6)
+    assert res.dark_matter_ce.ce_sae == pytest.approx(zero.ce_sae, abs=1e-6)
+    assert res.error_node_ablation["mean"].mode == "mean"
+    assert res.scaffold is None
     md = (out / "eval.md").read_text()
     assert "## Dark matter" in md and "## Error-node ablation" in md and "Scaffold" not in md
     assert (out / "firing_rate_hist.png").read_bytes()[:4] == b"\x89PNG"
@@ -87,12 +94,24 @@ def test_evaluate_sae_scaffold_section(model, tmp_path):
         out_dir=tmp_path,
         progress=False,
     )
-    sc = res["scaffold"]
-    assert sc["pca_rank"] == 2
-    assert sc["ablation"]["sae_hook"] == "hook_scaffold"
-    assert sc["pca_removal"]["rank"] == 2
-    assert sc["ablation"]["ce_ablated"] != pytest.approx(sc["ablation"]["ce_clean"], abs=1e-4)
+    sc = res.scaffold
+    assert sc is not None and sc.pca_rank == 2 and sc.pca_removal is not None
+    assert sc.ablation.sae_hook == "hook_scaffold"
+    assert sc.pca_removal.rank == 2
+    assert sc.ablation.ce_ablated != pytest.approx(sc.ablation.ce_clean, abs=1e-4)
+    assert res.to_dict()["scaffold"]["increase_ratio_scaffold_vs_pca"] == pytest.approx(
+        sc.ablation.ce_increase / sc.pca_removal.ce_increase
+    )
     assert "Scaffold ablation vs top-r PCA removal" in (tmp_path / "eval.md").read_text()
+    # the demo's table row reads the typed result by attribute and stays strict JSON
+    from sae_ext.demo import summarize
+
+    row = summarize("stand-in", "standard", res)
+    json.dumps(row, allow_nan=False)
+    assert row["scaffold_ce_ratio"] == sc.ablation.ce_ratio
+    assert row["pca_removal_ce_ratio"] == sc.pca_removal.ce_ratio
+    assert row["ce_loss_recovered"] == res.run_evals.ce_loss_score and row["d_sae"] == 64
+    assert row["bipolar_fraction"] is None and row["group_rank90_counts"] is None
 
 
 @pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sign_aware_gated"])
@@ -106,13 +125,21 @@ def test_evaluate_registered_plugin_sae(model, arch):
     sae = sae_cls(cfg_cls(d_in=32, d_sae=64))
     sae.cfg.metadata.hook_name = HOOK
     res = evaluate_sae(sae, model, random_token_dataset(), n_tokens=N_TOKENS, progress=False)
-    zero = res["error_node_ablation"]["zero"]
-    assert zero["ce_spliced"] == pytest.approx(zero["ce_clean"], abs=1e-5)
-    assert zero["ce_ablated"] == pytest.approx(zero["ce_sae"], abs=1e-6)
+    assert res.error_node_ablation is not None
+    zero = res.error_node_ablation["zero"]
+    assert zero.ce_spliced == pytest.approx(zero.ce_clean, abs=1e-5)
+    assert zero.ce_ablated == pytest.approx(zero.ce_sae, abs=1e-6)
     if arch == "scaffold_jumprelu":
-        assert res["scaffold"]["pca_rank"] == sae.cfg.scaffold_rank
+        assert res.scaffold is not None and res.scaffold.pca_rank == sae.cfg.scaffold_rank
+    else:
+        assert res.scaffold is None
     if arch == "sasa":
-        assert res["dictionary"]["groups"]["group_rank"] == sae.cfg.group_rank
+        assert res.dictionary.group_rank == sae.cfg.group_rank
+        # the ranks of the blocks decode() uses (unit rows), not a re-derived decoder
+        blocks = sae.group_decoder_blocks().detach()
+        torch.testing.assert_close(res.dictionary.group_stable_rank, stable_rank(blocks))
+    else:
+        assert res.dictionary.group_rank is None
 
 
 def test_evaluate_validates_before_writing(model, tmp_path):
@@ -180,6 +207,31 @@ def test_evaluate_without_splices_skips_the_extra_model_passes(model, tmp_path):
         _sae(), model, random_token_dataset(), n_tokens=N_TOKENS, out_dir=tmp_path, splices=False,
         progress=False,
     )
-    assert light["error_node_ablation"] is None and light["dark_matter_ce"] is None
-    assert light["dark_matter"] == full["dark_matter"] and light["run_evals"] == full["run_evals"]
+    assert light.error_node_ablation is None and light.dark_matter_ce is None
+    assert light.dark_matter.to_dict() == full.dark_matter.to_dict()
+    assert light.run_evals == full.run_evals
     assert "Error-node ablation" not in (tmp_path / "eval.md").read_text()
+
+
+def test_evaluate_on_a_bridge_excludes_the_tokenizers_special_tokens():
+    """On an SAETransformerBridge with a tokenizer (BOS = EOS = PAD = 0) the special ids come
+    from the tokenizer by default: BOS positions are uncounted and the CE figures are SAELens
+    ``run_evals``'s on the same rows."""
+    from sae_ext.saelens_evals import loss_recovered
+    from sae_ext.testing import tiny_bridge
+
+    bridge = tiny_bridge()
+    toks = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(2))
+    toks[:, 0] = 0
+    toks[1, 6] = 0
+    sae = _sae()
+    res = evaluate_sae(sae, bridge, toks, n_tokens=toks.numel(), batch_size=2, progress=False)
+    assert res.sae.hook_name == "blocks.0.hook_out" and res.n_special_positions == 5
+    assert sae.cfg.metadata.hook_name == HOOK  # the alias reached SAELens without mutating the SAE
+    assert res.dictionary.n_tokens == toks.numel() - 5
+    assert res.dark_matter.n_train + res.dark_matter.n_test == toks.numel() - 5
+    ref = loss_recovered(bridge, _sae(), toks, batch_size_prompts=2)
+    for name in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae"):
+        assert getattr(res.run_evals, name) == pytest.approx(getattr(ref, name), abs=1e-5), name
+    assert res.error_node_ablation is not None
+    assert res.error_node_ablation["zero"].max_abs_logit_diff_spliced < 1e-4

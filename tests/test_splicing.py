@@ -1,4 +1,4 @@
-"""Splicing, error-node ablation and subspace removal on both model classes: a tiny
+"""Splicing, error-node ablation and subspace removal (:mod:`sae_ext.interventions`) on both model classes: a tiny
 ``HookedSAETransformer`` and a tiny ``SAETransformerBridge`` (a randomly initialised GPT-2
 built in-process with a word-level tokenizer: no download), plus plain ``HookedTransformer``
 for the hook-based fallback."""
@@ -12,20 +12,18 @@ import torch
 from sae_lens import HookedSAETransformer, SAETransformerBridge, StandardSAE, StandardSAEConfig
 from transformer_lens.hook_points import HookPoint
 
-from sae_ext.splicing import (
+from sae_ext.interventions import (
     ablate_hook,
-    as_token_tensor,
     dark_matter_ce,
     error_node_ablation,
-    iter_activations,
-    loss_recovered,
     mean_sae_error,
     remove_directions_ce,
-    resolve_hook_name,
     run_spliced,
     splice_ce,
-    top_pca_basis,
 )
+from sae_ext.metrics.pca import top_pca_basis
+from sae_ext.model_io import as_token_tensor, iter_activations, resolve_hook_name
+from sae_ext.saelens_evals import loss_recovered
 from sae_ext.testing import random_token_dataset, tiny_hooked_transformer
 from sae_ext.testing import tiny_bridge as tiny_bridge_model
 
@@ -272,20 +270,26 @@ def test_top_pca_basis_recovers_axes():
 def test_loss_recovered_wraps_run_evals(model, tokens):
     sae = _sae()
     m = loss_recovered(model, sae, tokens, batch_size_prompts=3)
-    for key in ("ce_loss_score", "kl_div_score", "explained_variance", "l0", "ce_loss_with_sae"):
-        assert key in m
+    for v in (m.ce_loss_score, m.kl_div_score, m.explained_variance, m.l0, m.ce_loss_with_sae):
+        assert isinstance(v, float) and v == v  # computed (not NaN)
     # same tokens (2 batches of 3 rows) as our own splices
-    assert m["ce_loss_without_sae"] == pytest.approx(
+    assert m.ce_loss_without_sae == pytest.approx(
         splice_ce(model, sae, tokens, mode="clean", progress=False), abs=1e-4
     )
-    assert m["ce_loss_with_sae"] == pytest.approx(
+    assert m.ce_loss_with_sae == pytest.approx(
         splice_ce(model, sae, tokens, mode="sae", progress=False), abs=1e-4
     )
-    expected = (m["ce_loss_with_ablation"] - m["ce_loss_with_sae"]) / (
-        m["ce_loss_with_ablation"] - m["ce_loss_without_sae"]
+    expected = (m.ce_loss_with_ablation - m.ce_loss_with_sae) / (
+        m.ce_loss_with_ablation - m.ce_loss_without_sae
     )
-    assert m["ce_loss_score"] == pytest.approx(expected)
-    assert m["total_tokens_eval_reconstruction"] == tokens.numel()
+    assert m.ce_loss_score == pytest.approx(expected)
+    assert m.total_tokens_eval_reconstruction == tokens.numel()
+    # 5 rows at batch size 3: run_evals reads every row once (5 batches of 1 row)
+    m5 = loss_recovered(model, sae, tokens[:5], batch_size_prompts=3)
+    assert m5.total_tokens_eval_reconstruction == tokens[:5].numel()
+    assert m5.ce_loss_without_sae == pytest.approx(
+        splice_ce(model, sae, tokens[:5], mode="clean", progress=False), abs=1e-4
+    )
 
 
 def test_unknown_hook_lists_close_names(model, tokens):
@@ -352,7 +356,7 @@ def test_iter_activations_drops_excluded_token_positions(tiny_sae_model) -> None
     toks = torch.tensor([[5, 1, 2, 5], [3, 5, 4, 6]])
     full = torch.cat(list(iter_activations(tiny_sae_model, "blocks.0.hook_resid_post", toks)))
     kept = torch.cat(
-        list(iter_activations(tiny_sae_model, "blocks.0.hook_resid_post", toks, exclude_tokens=[5]))
+        list(iter_activations(tiny_sae_model, "blocks.0.hook_resid_post", toks, special_tokens=[5]))
     )
     assert full.shape[0] == 8 and kept.shape[0] == 5
     torch.testing.assert_close(kept, full[(toks.reshape(-1) != 5)])

@@ -352,7 +352,7 @@ BAD_HOOK = "blocks.0.hook_resid_pots"
 
 def _hook_entry_points():
     """Every public capture/splicing function that takes a hook name, called with ``BAD_HOOK``."""
-    from sae_ext import capture, splicing
+    from sae_ext import capture, interventions, model_io, saelens_evals
 
     def sae():  # an SAE whose saved hook name is the bad one
         s = _inference("sign_aware_gated")
@@ -364,22 +364,22 @@ def _hook_entry_points():
     return {
         "check_hook_name": lambda m: capture.check_hook_name(m, BAD_HOOK),
         "hook_width": lambda m: capture.hook_width(m, BAD_HOOK),
-        "run_spliced": lambda m: splicing.run_spliced(m, sae(), toks),
-        "splice_ce": lambda m: splicing.splice_ce(m, sae(), toks, progress=False),
-        "dark_matter_ce": lambda m: splicing.dark_matter_ce(m, sae(), toks, w, progress=False),
-        "mean_sae_error": lambda m: splicing.mean_sae_error(m, sae(), toks, progress=False),
-        "error_node_ablation": lambda m: splicing.error_node_ablation(
+        "run_spliced": lambda m: interventions.run_spliced(m, sae(), toks),
+        "splice_ce": lambda m: interventions.splice_ce(m, sae(), toks, progress=False),
+        "dark_matter_ce": lambda m: interventions.dark_matter_ce(m, sae(), toks, w, progress=False),
+        "mean_sae_error": lambda m: interventions.mean_sae_error(m, sae(), toks, progress=False),
+        "error_node_ablation": lambda m: interventions.error_node_ablation(
             m, sae(), toks, progress=False
         ),
-        "ablate_hook": lambda m: splicing.ablate_hook(
+        "ablate_hook": lambda m: interventions.ablate_hook(
             m, sae(), toks, "hook_sae_acts_post", progress=False
         ),
-        "iter_activations": lambda m: next(splicing.iter_activations(m, BAD_HOOK, toks)),
-        "remove_directions_ce": lambda m: splicing.remove_directions_ce(
+        "iter_activations": lambda m: next(model_io.iter_activations(m, BAD_HOOK, toks)),
+        "remove_directions_ce": lambda m: interventions.remove_directions_ce(
             m, BAD_HOOK, torch.eye(D_IN)[:, :2], toks, progress=False
         ),
-        "make_activations_store": lambda m: splicing.make_activations_store(m, sae(), toks),
-        "loss_recovered": lambda m: splicing.loss_recovered(m, sae(), toks),
+        "make_activations_store": lambda m: saelens_evals.make_activations_store(m, sae(), toks),
+        "loss_recovered": lambda m: saelens_evals.loss_recovered(m, sae(), toks),
     }
 
 

@@ -21,10 +21,8 @@ and :func:`holdout_mask` reproduces it.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,15 +30,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sae_ext.sae_io import (
+    check_activations,
+    encode_decode,
+    iter_activation_batches,
+    n_batches_hint,
+)
+
 __all__ = [
     "DarkMatterAccumulator",
     "DarkMatterResult",
     "NormPredictability",
     "dark_matter",
     "dark_matter_from_reconstructions",
-    "encode_decode",
     "error_norm_predictability",
-    "iter_activation_batches",
     "linear_error",
     "nonlinear_error",
     "sae_error_norms",
@@ -49,94 +52,6 @@ __all__ = [
 
 #: default ridge, relative to the mean diagonal of the (uncentred) train Gram matrix ``XᵀX``.
 DEFAULT_RIDGE = 1e-6
-
-
-# --------------------------------------------------------------------------------------------
-# shared helpers (also used by sae_ext.metrics.dictionary and sae_ext.evaluate)
-# --------------------------------------------------------------------------------------------
-
-
-def check_activations(x: torch.Tensor, d_in: int, what: str = "activations") -> None:
-    """Raise ``ValueError`` if ``x`` is not a float tensor ``[..., d_in]`` of finite values."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 1 or x.shape[-1] != d_in:
-        raise ValueError(
-            f"{what} have shape {tuple(x.shape)}: the last dimension must equal "
-            f"sae.cfg.d_in = {d_in}"
-        )
-    if not torch.is_floating_point(x):
-        raise ValueError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
-    bad = int((~torch.isfinite(x)).sum().item())
-    if bad:
-        raise ValueError(
-            f"{what} contain {bad} non-finite value(s) (NaN/Inf) out of {x.numel()}; "
-            "only finite activations are allowed"
-        )
-
-
-def iter_activation_batches(
-    activations: torch.Tensor | Iterable[torch.Tensor], d_in: int, batch_size: int
-) -> Iterator[torch.Tensor]:
-    """Yield ``[n, d_in]`` chunks of at most ``batch_size`` rows from a tensor or an iterable.
-
-    A tensor is validated entirely before the first chunk is yielded; the batches of an
-    iterable are validated one by one as they arrive (an iterator cannot be pre-scanned).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(activations, torch.Tensor):
-        check_activations(activations, d_in)
-        flat = activations.reshape(-1, d_in)
-        for start in range(0, flat.shape[0], batch_size):
-            yield flat[start : start + batch_size]
-        return
-    for i, batch in enumerate(activations):
-        check_activations(batch, d_in, what=f"activation batch {i}")
-        flat = batch.reshape(-1, d_in)
-        for start in range(0, flat.shape[0], batch_size):
-            yield flat[start : start + batch_size]
-
-
-def n_batches_hint(activations: Any, batch_size: int) -> int | None:
-    """Number of chunks :func:`iter_activation_batches` will yield, when cheaply known."""
-    if isinstance(activations, torch.Tensor):
-        n = activations.numel() // max(1, activations.shape[-1]) if activations.ndim else 0
-        return math.ceil(n / batch_size)
-    try:
-        return len(activations)
-    except TypeError:
-        return None
-
-
-@contextlib.contextmanager
-def flat_input_mode(sae: Any) -> Iterator[None]:
-    """Feed the SAE flat ``[..., d_in]`` activations even for ``hook_z`` SAEs (as ``run_evals``)."""
-    reshaping = bool(getattr(sae, "hook_z_reshaping_mode", False))
-    if reshaping:
-        sae.turn_off_forward_pass_hook_z_reshaping()
-    try:
-        yield
-    finally:
-        if reshaping:
-            sae.turn_on_forward_pass_hook_z_reshaping()
-
-
-@torch.no_grad()
-def encode_decode(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(feature_acts, SAE(x))`` for flat activations ``x``, using only ``encode``/``decode``.
-
-    ``x`` is moved to the SAE's device and dtype; the reconstruction is returned on ``x``'s
-    device in ``x``'s dtype, the latent activations (dense) on the SAE's device.
-    """
-    device = getattr(sae, "device", x.device)
-    dtype = getattr(sae, "dtype", x.dtype)
-    with flat_input_mode(sae):
-        feats = sae.encode(x.to(device=device, dtype=dtype))
-        out = sae.decode(feats)
-    if feats.is_sparse:
-        feats = feats.to_dense()
-    return feats, out.to(device=x.device, dtype=x.dtype)
 
 
 def _stats_device(x: torch.Tensor) -> torch.device:

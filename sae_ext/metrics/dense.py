@@ -1,11 +1,10 @@
-"""Dense-latent counts and top-PCA subspace helpers (SPEC §2, §6).
+"""Dense-latent counts (SPEC §2).
 
 A latent is *dense* when it fires on more than 10 % of tokens: SAEBench's
 ``freq_over_10_percent``. The scaffolded-SAE paper (Deng et al., arXiv 2606.14040) reports
 that a rank-r scaffold removes up to 84 % of such latents at matched sparsity; these
-functions are what that claim is measured with. The PCA helpers serve the paper's other
-comparison: removing the top-r principal directions of the activations versus zeroing the
-learned scaffold.
+functions are what that claim is measured with (the top-PCA comparison lives in
+:mod:`sae_ext.metrics.pca`).
 
 All functions are pure: they read their arguments and return new tensors.
 """
@@ -98,74 +97,3 @@ def dense_fraction(
     if mask.numel() == 0:
         raise ValueError("firing_counts is empty: there are no latents to take a fraction of")
     return mask.double().mean().item()
-
-
-def pca_directions(acts: torch.Tensor, r: int) -> torch.Tensor:
-    """Top-``r`` principal directions of ``acts`` ``[n, d]`` (centred), as ``[d, r]`` columns.
-
-    Columns are orthonormal and sorted by decreasing variance. Computed in float64 from the
-    ``d × d`` covariance (so ``r`` may exceed ``n``); each column's sign is fixed so that its
-    largest-magnitude entry is positive, which makes the result deterministic. Returned in
-    the dtype of ``acts``.
-    """
-    if acts.dim() != 2:
-        raise ValueError(f"acts must be 2-D [n, d]; got shape {tuple(acts.shape)}")
-    n, d = acts.shape
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
-        raise ValueError(f"r must be an integer in [1, d] = [1, {d}]; got {r!r}")
-    if n < 2:
-        raise ValueError(f"need at least 2 rows of acts to centre them; got n = {n}")
-    x = acts.detach().to(torch.float64)
-    x = x - x.mean(0, keepdim=True)
-    cov = x.T @ x / (n - 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    top = vecs[:, -r:].flip(-1)
-    idx = top.abs().argmax(0)
-    signs = torch.sign(top[idx, torch.arange(r)])
-    signs[signs == 0] = 1.0
-    return (top * signs).to(acts.dtype)
-
-
-def _check_basis(basis: torch.Tensor, d: int) -> None:
-    if basis.dim() != 2 or basis.shape[0] != d:
-        raise ValueError(
-            f"basis must be [d, r] = [{d}, r] with orthonormal columns; got shape {tuple(basis.shape)}"
-        )
-
-
-def remove_top_pca_directions(
-    acts: torch.Tensor, basis: torch.Tensor, center: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Remove the span of ``basis`` ``[d, r]`` (orthonormal columns) from ``acts`` ``[..., d]``.
-
-    ``center=None`` projects out: ``x − (x B) Bᵀ``. With ``center`` = the activation mean,
-    the component along ``B`` is replaced by the mean's (mean-ablation):
-    ``x − ((x − c) B) Bᵀ``. Used for the paper's comparison of zeroing the scaffold with
-    removing the geometrically similar top-r PCA directions.
-    """
-    d = acts.shape[-1]
-    _check_basis(basis, d)
-    b = basis.to(acts.dtype)
-    ref = acts if center is None else acts - center.to(acts.dtype)
-    return acts - (ref @ b) @ b.T
-
-
-def principal_angle_cosines(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
-    """Cosines of the principal angles between the column spans of ``basis_a`` and ``basis_b``.
-
-    Both are ``[d, r_a]`` / ``[d, r_b]``; columns need not be orthonormal (they are
-    orthonormalised by QR). Returns ``min(r_a, r_b)`` cosines in ``[0, 1]``, descending.
-    """
-    if basis_a.dim() != 2 or basis_b.dim() != 2 or basis_a.shape[0] != basis_b.shape[0]:
-        raise ValueError(
-            "bases must be [d, r_a] and [d, r_b] with the same d; got shapes "
-            f"{tuple(basis_a.shape)} and {tuple(basis_b.shape)}"
-        )
-    qa, _ = torch.linalg.qr(basis_a.detach().to(torch.float64))
-    qb, _ = torch.linalg.qr(basis_b.detach().to(torch.float64))
-    return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
-
-
-def principal_angles_degrees(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending) between the column spans of two bases."""
-    return torch.rad2deg(torch.arccos(principal_angle_cosines(basis_a, basis_b)))

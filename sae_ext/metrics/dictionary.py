@@ -1,21 +1,16 @@
 """Dictionary statistics of an SAE over a token stream: L0, dead / dense latents, the
-firing-rate histogram, sign usage (signed SAEs such as SA-GSAE) and, for grouped SAEs
-(SASA, ``cfg.group_rank``), per-group stable rank and rank90 of the decoder blocks.
+firing-rate histogram, sign usage (signed SAEs such as SA-GSAE) and, for grouped SAEs (SASA),
+group firing and the stable rank / rank90 of the decoder blocks.
 
 Only per-latent counters are kept (``O(d_sae)`` memory), never the latent activations of all
 tokens, so any number of tokens can be streamed through :class:`DictionaryStatsAccumulator`.
 
-Definitions (SPEC §1–§3):
-
-* a latent *fires* on a token when its activation is non-zero (``!= 0``, as SAELens's
-  ``run_evals``, so negative activations of signed SAEs count);
-* *dead*: never fires on the data; *dense*: fires on more than ``dense_threshold`` (10 %) of
-  tokens (SAEBench ``freq_over_10_percent``);
-* *bipolar*: an alive latent whose activations take each sign on at least ``sign_share``
-  (5 %) of its firings; ``positive_share`` = positive firings / firings;
-* group ``k`` = rows ``[k·r, (k+1)·r)`` of the row-normalised decoder ``Ŵ_dec`` (``r =
-  cfg.group_rank``; SASA decodes with unit rows whatever the stored norms); stable rank
-  ``‖D_k‖_F² / σ_max²`` ∈ [1, r]; rank90 = fewest singular values holding 90 % of ``Σσ²``.
+Every definition is the one of its metric module (SPEC §1–§3): *fires* and *dense*
+(:mod:`sae_ext.metrics.dense`, SAEBench's 10 %), *positive share* and *bipolar*
+(:mod:`sae_ext.metrics.sign`), group firing, dead groups, stable rank and rank90
+(:mod:`sae_ext.metrics.groups`). A share of an empty set (no alive latent) is NaN. Which
+latents form groups, and the decoder blocks as ``decode`` uses them, are asked of the SAE
+(:func:`sae_ext.evaluation_spec.evaluation_spec`).
 """
 
 from __future__ import annotations
@@ -29,7 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_ext.metrics.dark_matter import (
+from sae_ext.evaluation_spec import evaluation_spec
+from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, dense_mask, firing_counts
+from sae_ext.metrics.groups import (
+    dead_group_fraction,
+    group_firing_counts,
+    rank90,
+    stable_rank,
+)
+from sae_ext.metrics.sign import MIN_SIGN_SHARE, bipolar_fraction, positive_share, sign_counts
+from sae_ext.sae_io import (
     check_activations,
     encode_decode,
     iter_activation_batches,
@@ -39,15 +43,9 @@ from sae_ext.metrics.dark_matter import (
 __all__ = [
     "DictionaryStats",
     "DictionaryStatsAccumulator",
-    "decoder_group_ranks",
     "dictionary_stats",
     "dictionary_stats_from_codes",
-    "unit_decoder_rows",
 ]
-
-DENSE_THRESHOLD = 0.1
-SIGN_SHARE = 0.05
-RANK_FRACTION = 0.9
 
 
 @dataclass
@@ -83,6 +81,39 @@ class DictionaryStats:
     group_dead_fraction: float | None = None
     group_dense_fraction: float | None = None
 
+    @property
+    def mean_positive_share(self) -> float | None:
+        """Mean over alive latents of the positive share (None if unsigned or none alive)."""
+        if self.positive_share is None:
+            return None
+        ps = self.positive_share[~torch.isnan(self.positive_share)]
+        return float(ps.mean().item()) if ps.numel() else None
+
+    @property
+    def positive_share_hist(self) -> list[int] | None:
+        """Bipolar census: alive latents per 10 % bin of positive share (None if unsigned)."""
+        if self.positive_share is None:
+            return None
+        ps = self.positive_share[~torch.isnan(self.positive_share)]
+        return torch.histc(ps.float(), bins=10, min=0.0, max=1.0).long().tolist()
+
+    @property
+    def mean_group_stable_rank(self) -> float | None:
+        """Mean stable rank over groups with a non-zero block (None without groups or blocks)."""
+        if self.group_stable_rank is None:
+            return None
+        sr = self.group_stable_rank[~torch.isnan(self.group_stable_rank)]
+        return float(sr.mean().item()) if sr.numel() else None
+
+    @property
+    def group_rank90_counts(self) -> dict[str, int] | None:
+        """Number of groups per rank90 value ``1..r`` (None without groups)."""
+        if self.group_rank is None or self.group_rank90 is None:
+            return None
+        return {
+            str(k): int((self.group_rank90 == k).sum().item()) for k in range(1, self.group_rank + 1)
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary: scalars, the histogram and group summaries (no per-latent arrays)."""
         out: dict[str, Any] = {
@@ -100,54 +131,21 @@ class DictionaryStats:
             "sign_share": self.sign_share,
         }
         if self.positive_share is not None:
-            ps = self.positive_share[~torch.isnan(self.positive_share)]
-            out["mean_positive_share"] = float(ps.mean().item()) if ps.numel() else None
-            # bipolar census: how many alive latents fire positive on each 10 % share of firings
-            out["positive_share_hist"] = torch.histc(ps.float(), bins=10, min=0.0, max=1.0).long().tolist()
+            out["mean_positive_share"] = self.mean_positive_share
+            out["positive_share_hist"] = self.positive_share_hist
         if self.group_rank is not None:
             assert self.group_stable_rank is not None and self.group_rank90 is not None
-            sr = self.group_stable_rank[~torch.isnan(self.group_stable_rank)]
             out["groups"] = {
                 "group_rank": self.group_rank,
                 "n_groups": int(self.group_stable_rank.numel()),
-                "mean_stable_rank": float(sr.mean().item()) if sr.numel() else None,
+                "mean_stable_rank": self.mean_group_stable_rank,
                 "mean_rank90": float(self.group_rank90.double().mean().item()),
-                "rank90_counts": {
-                    str(k): int((self.group_rank90 == k).sum().item())
-                    for k in range(1, self.group_rank + 1)
-                },
+                "rank90_counts": self.group_rank90_counts,
                 "group_l0": self.group_l0,
                 "group_dead_fraction": self.group_dead_fraction,
                 "group_dense_fraction": self.group_dense_fraction,
             }
         return out
-
-
-def decoder_group_ranks(
-    W_dec: torch.Tensor, group_rank: int, fraction: float = RANK_FRACTION
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``(stable rank, rank90)`` of the decoder blocks ``D_k = W_dec[k·r:(k+1)·r]``.
-
-    Uses the eigenvalues of the ``r × r`` Gram matrices ``D_k D_kᵀ`` (= σ²) in float64. A group
-    with an all-zero block gets stable rank NaN and rank90 0.
-    """
-    if group_rank < 1:
-        raise ValueError(f"group_rank must be >= 1, got {group_rank}")
-    d_sae, d_in = W_dec.shape
-    if d_sae % group_rank:
-        raise ValueError(f"d_sae = {d_sae} is not a multiple of group_rank = {group_rank}")
-    blocks = W_dec.detach().to(torch.float64).reshape(d_sae // group_rank, group_rank, d_in)
-    gram = blocks @ blocks.transpose(1, 2)
-    sig2 = torch.linalg.eigvalsh(gram).clamp_min(0.0).flip(-1)  # descending
-    total = sig2.sum(-1)
-    top = sig2[:, 0]
-    stable = torch.where(top > 0, total / top.clamp_min(1e-300), torch.full_like(top, float("nan")))
-    cum = sig2.cumsum(-1)
-    # fewest k with cum_k >= fraction * total (with a round-off margin)
-    need = fraction * total * (1 - 1e-12)
-    rank = (cum < need.unsqueeze(-1)).sum(-1) + 1
-    rank = torch.where(total > 0, rank, torch.zeros_like(rank))
-    return stable, rank
 
 
 class DictionaryStatsAccumulator:
@@ -161,11 +159,11 @@ class DictionaryStatsAccumulator:
         self.d_sae = d_sae
         self.group_rank = group_rank
         self.n_tokens = 0
-        self.fires = torch.zeros(d_sae, dtype=torch.int64)
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)
         self.pos = torch.zeros(d_sae, dtype=torch.int64)
         self.neg = torch.zeros(d_sae, dtype=torch.int64)
         n_groups = d_sae // group_rank if group_rank else 0
-        self.group_fires = torch.zeros(n_groups, dtype=torch.int64)
+        self.group_fires = torch.zeros(n_groups, dtype=torch.float64)
 
     def update(self, feature_acts: torch.Tensor) -> None:
         """Count firings, signs and group activity of a batch ``[..., d_sae]``."""
@@ -176,24 +174,24 @@ class DictionaryStatsAccumulator:
         f = feature_acts.detach().reshape(-1, self.d_sae)
         if f.is_sparse:
             f = f.to_dense()
-        fire = f != 0
         self.n_tokens += f.shape[0]
-        self.fires += fire.sum(0).cpu()
-        self.pos += (f > 0).sum(0).cpu()
-        self.neg += (f < 0).sum(0).cpu()
+        self.fires += firing_counts(f).cpu()
+        pos, neg = sign_counts(f)
+        self.pos += pos.cpu()
+        self.neg += neg.cpu()
         if self.group_rank:
-            g = fire.reshape(f.shape[0], -1, self.group_rank).any(-1)
-            self.group_fires += g.sum(0).cpu()
+            self.group_fires += group_firing_counts(f, self.group_rank).cpu()
 
     def result(
         self,
         *,
-        W_dec: torch.Tensor | None = None,
+        group_blocks: torch.Tensor | None = None,
         dense_threshold: float = DENSE_THRESHOLD,
-        sign_share: float = SIGN_SHARE,
+        sign_share: float = MIN_SIGN_SHARE,
         n_bins: int = 50,
     ) -> DictionaryStats:
-        """Summaries of everything seen so far; ``W_dec`` enables the group decoder ranks."""
+        """Summaries of everything seen so far; ``group_blocks`` ``(K, r, d_in)`` (the decoder
+        blocks as ``decode`` uses them) enables the group stable rank and rank90."""
         if self.n_tokens == 0:
             raise ValueError("no tokens were seen: feed at least one batch before result()")
         if not 0.0 <= dense_threshold < 1.0:
@@ -202,23 +200,22 @@ class DictionaryStatsAccumulator:
             raise ValueError(f"sign_share must lie in (0, 0.5], got {sign_share}")
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        n_groups = self.group_fires.numel()
+        if group_blocks is not None and (
+            not self.group_rank or tuple(group_blocks.shape[:2]) != (n_groups, self.group_rank)
+        ):
+            raise ValueError(
+                f"group_blocks have shape {tuple(group_blocks.shape)} but the accumulator counts "
+                f"{n_groups} groups of rank {self.group_rank}"
+            )
         n = self.n_tokens
-        rates = self.fires.double() / n
+        rates = self.fires / n
         alive = self.fires > 0
-        dense = rates > dense_threshold
-        lo = math.floor(math.log10(1.0 / n)) if n > 1 else -1
-        lo = min(lo, -1)
+        dense = dense_mask(self.fires, n, dense_threshold)
+        lo = min(math.floor(math.log10(1.0 / n)) if n > 1 else -1, -1)
         edges = np.linspace(lo, 0.0, n_bins + 1)
         counts, _ = np.histogram(np.log10(rates[alive].numpy()), bins=edges)
         is_signed = bool(self.neg.sum().item() > 0)
-        bipolar: float | None = None
-        pos_share: torch.Tensor | None = None
-        if is_signed:
-            fires = self.fires.double()
-            pos_share = torch.where(alive, self.pos.double() / fires.clamp_min(1), torch.nan)
-            both = alive & (self.pos >= sign_share * fires) & (self.neg >= sign_share * fires)
-            n_alive = int(alive.sum().item())
-            bipolar = float(both.sum().item()) / n_alive if n_alive else float("nan")
         stats = DictionaryStats(
             n_tokens=n,
             d_sae=self.d_sae,
@@ -232,42 +229,24 @@ class DictionaryStatsAccumulator:
             n_dead=int((~alive).sum().item()),
             n_dense=int(dense.sum().item()),
             is_signed=is_signed,
-            bipolar_fraction=bipolar,
-            positive_share=pos_share,
+            bipolar_fraction=(
+                float(bipolar_fraction(self.pos, self.neg, sign_share).item()) if is_signed else None
+            ),
+            positive_share=positive_share(self.pos, self.neg) if is_signed else None,
             sign_share=sign_share,
         )
         if self.group_rank:
-            grates = self.group_fires.double() / n
             stats.group_rank = self.group_rank
             stats.group_l0 = float(self.group_fires.sum().item()) / n
-            stats.group_dead_fraction = float((self.group_fires == 0).double().mean().item())
-            stats.group_dense_fraction = float((grates > dense_threshold).double().mean().item())
-            if W_dec is not None:
-                stats.group_stable_rank, stats.group_rank90 = decoder_group_ranks(
-                    W_dec, self.group_rank
-                )
+            stats.group_dead_fraction = dead_group_fraction(self.group_fires)
+            stats.group_dense_fraction = dense_fraction(self.group_fires, n, dense_threshold)
+            if group_blocks is not None:
+                stats.group_stable_rank = stable_rank(group_blocks)
+                stats.group_rank90 = rank90(group_blocks)
             else:
-                k = self.d_sae // self.group_rank
-                stats.group_stable_rank = torch.full((k,), float("nan"), dtype=torch.float64)
-                stats.group_rank90 = torch.zeros(k, dtype=torch.int64)
+                stats.group_stable_rank = torch.full((n_groups,), float("nan"), dtype=torch.float64)
+                stats.group_rank90 = torch.zeros(n_groups, dtype=torch.int64)
         return stats
-
-
-def unit_decoder_rows(sae: Any) -> torch.Tensor | None:
-    """The SAE's decoder with unit-norm rows (``Ŵ_dec`` of SPEC §3), as the group ranks use it.
-
-    Rows of zero norm stay zero. ``None`` if the SAE has no ``W_dec``.
-    """
-    W = getattr(sae, "W_dec", None)
-    if W is None:
-        return None
-    W = W.detach().to(torch.float64)
-    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _group_rank_of(sae: Any) -> int | None:
-    r = getattr(sae.cfg, "group_rank", None)
-    return int(r) if r else None
 
 
 def dictionary_stats(
@@ -276,26 +255,28 @@ def dictionary_stats(
     *,
     batch_size: int = 4096,
     dense_threshold: float = DENSE_THRESHOLD,
-    sign_share: float = SIGN_SHARE,
+    sign_share: float = MIN_SIGN_SHARE,
     n_bins: int = 50,
     progress: bool = True,
 ) -> DictionaryStats:
     """Stream activations ``[..., d_in]`` through ``sae.encode`` and summarise latent usage.
 
-    Works for any SAE (only ``encode``, ``cfg.d_in``, ``cfg.d_sae``, ``W_dec`` are used);
-    group statistics are added when ``sae.cfg`` has a non-zero ``group_rank`` (SASA).
+    Works for any SAE (only ``encode``, ``cfg.d_in`` and ``cfg.d_sae`` are used); group
+    statistics are added when the SAE's :class:`~sae_ext.evaluation_spec.EvaluationSpec`
+    names groups (SASA).
     """
     d_in = int(sae.cfg.d_in)
     if isinstance(activations_or_batches, torch.Tensor):
         check_activations(activations_or_batches, d_in)  # before any work
-    acc = DictionaryStatsAccumulator(int(sae.cfg.d_sae), group_rank=_group_rank_of(sae))
+    spec = evaluation_spec(sae)
+    acc = DictionaryStatsAccumulator(int(sae.cfg.d_sae), group_rank=spec.group_rank)
     batches = iter_activation_batches(activations_or_batches, d_in, batch_size)
     total = n_batches_hint(activations_or_batches, batch_size)
     for x in tqdm(batches, total=total, desc="dictionary stats", leave=False, disable=not progress):
         feats, _ = encode_decode(sae, x)
         acc.update(feats)
     return acc.result(
-        W_dec=unit_decoder_rows(sae) if acc.group_rank else None,
+        group_blocks=spec.group_blocks,
         dense_threshold=dense_threshold,
         sign_share=sign_share,
         n_bins=n_bins,
@@ -306,9 +287,9 @@ def dictionary_stats_from_codes(
     codes: torch.Tensor | Iterable[torch.Tensor],
     *,
     group_rank: int | None = None,
-    W_dec: torch.Tensor | None = None,
+    group_blocks: torch.Tensor | None = None,
     dense_threshold: float = DENSE_THRESHOLD,
-    sign_share: float = SIGN_SHARE,
+    sign_share: float = MIN_SIGN_SHARE,
     n_bins: int = 50,
 ) -> DictionaryStats:
     """:func:`dictionary_stats` from latent activations ``[..., d_sae]`` computed elsewhere."""
@@ -328,5 +309,8 @@ def dictionary_stats_from_codes(
     if acc is None:
         raise ValueError("codes is empty: no latent activations to summarise")
     return acc.result(
-        W_dec=W_dec, dense_threshold=dense_threshold, sign_share=sign_share, n_bins=n_bins
+        group_blocks=group_blocks,
+        dense_threshold=dense_threshold,
+        sign_share=sign_share,
+        n_bins=n_bins,
     )

@@ -86,12 +86,13 @@ def bipolar_fraction(
     """Share of alive latents whose firings take each sign at least ``min_share`` of the time.
 
     Pass per-latent positive and negative firing counts, or one tensor of activations
-    ``(..., d_sae)``. Returns a 0-d float64 tensor; 0 when no latent is alive.
+    ``(..., d_sae)``. Returns a 0-d float64 tensor; NaN when no latent is alive (a share of
+    nothing), as every other share in :mod:`sae_ext.metrics`.
     """
     pos, neg = _counts(pos_counts_or_acts, neg_counts)
-    alive = (pos + neg) > 0
+    n_alive = ((pos + neg) > 0).sum().double()
     n_bipolar = bipolar_mask(pos, neg, min_share).sum().double()
-    return n_bipolar / alive.sum().clamp(min=1).double()
+    return n_bipolar / n_alive if n_alive > 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 def dead_fraction(

@@ -58,6 +58,7 @@ from sae_lens.saes.sae import (
 from torch import nn
 from typing_extensions import override
 
+from sae_ext.evaluation_spec import EvaluationSpec
 from sae_ext.metrics.groups import (
     dead_groups_from_neuron_mask,
     rank90,
@@ -213,6 +214,13 @@ class _SASAGroupMixin:
     def group_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """View ``[..., d_sae]`` feature activations as ``[..., K, r]`` group codes."""
         return feature_acts.unflatten(-1, (self.n_groups, self.cfg.group_rank))
+
+    @torch.no_grad()
+    def evaluation_spec(self) -> EvaluationSpec:
+        """``evaluate_sae`` reports group firing and the ranks of the blocks ``decode`` uses."""
+        return EvaluationSpec(
+            group_rank=self.cfg.group_rank, group_blocks=self.group_decoder_blocks().detach().cpu()
+        )
 
     def group_decoder_blocks(self) -> torch.Tensor:
         """All decoder blocks as used by ``decode``: ``(K, r, d_in)`` (unit rows by default)."""

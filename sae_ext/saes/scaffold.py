@@ -50,7 +50,9 @@ from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_ext.activations import keep_thresholds_at_least_float32
-from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts, pca_directions
+from sae_ext.evaluation_spec import EvaluationSpec
+from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts
+from sae_ext.metrics.pca import pca_directions
 from sae_ext.registry import register_inference, register_training
 from sae_ext.validation import (
     check_matryoshka_widths,
@@ -260,6 +262,10 @@ class _ScaffoldCore:
         self.scaffold_U = nn.Parameter(
             v.T.to(self.device).clone(memory_format=torch.contiguous_format)
         )
+
+    def evaluation_spec(self) -> EvaluationSpec:
+        """``evaluate_sae`` zeroes ``hook_scaffold`` and compares with top-r PCA removal."""
+        return EvaluationSpec(ablation_hook="hook_scaffold", ablation_pca_rank=self.cfg.scaffold_rank)
 
     def scaffold_map(self, x_tilde: torch.Tensor) -> torch.Tensor:
         """The scaffold ``s = (x̃ V) U`` of an already-processed input ``x̃`` ``[..., d_in]``."""

@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+from sae_lens import StandardSAE
 
+from sae_ext.evaluation_spec import EvaluationSpec
 from sae_ext.metrics.dictionary import (
     DictionaryStatsAccumulator,
-    decoder_group_ranks,
     dictionary_stats,
     dictionary_stats_from_codes,
 )
+from sae_ext.metrics.groups import rank90, stable_rank
+from sae_ext.metrics.sign import bipolar_fraction
 
 
 def _codes_unsigned() -> torch.Tensor:
@@ -70,6 +73,7 @@ def test_sign_statistics():
     st = dictionary_stats_from_codes(f)
     assert st.is_signed is True
     assert st.bipolar_fraction == pytest.approx(2 / 4)
+    assert st.bipolar_fraction == bipolar_fraction(f).item()  # the sign module's definition
     assert st.positive_share is not None
     ps = st.positive_share
     assert ps[0].item() == pytest.approx(0.5)
@@ -83,16 +87,23 @@ def test_sign_statistics():
     assert dictionary_stats_from_codes(f, sign_share=0.06).bipolar_fraction == pytest.approx(1 / 4)
 
 
-def test_decoder_group_ranks():
+def test_group_ranks_are_those_of_metrics_groups():
+    """The group ranks of the statistics are :mod:`sae_ext.metrics.groups`'s, edge cases included."""
     e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
-    W_dec = torch.stack([e1, e2, e1, 2 * e1, 3 * e1, e2, 0 * e1, 0 * e1])
-    stable, r90 = decoder_group_ranks(W_dec, 2)
+    blocks = torch.stack([e1, e2, e1, 2 * e1, 3 * e1, e2, 0 * e1, 0 * e1]).view(4, 2, 4)
+    st = dictionary_stats_from_codes(torch.ones(3, 8), group_rank=2, group_blocks=blocks)
     # σ² per group: [1, 1]; [5, 0]; [9, 1]; all-zero
-    torch.testing.assert_close(stable[:3], torch.tensor([2.0, 1.0, 10 / 9], dtype=torch.float64))
-    assert math.isnan(stable[3].item())
-    assert r90.tolist() == [2, 1, 1, 0]  # [9, 1]: 9/10 reaches 90 % with one value
-    with pytest.raises(ValueError, match="d_sae = 8 is not a multiple of group_rank = 3"):
-        decoder_group_ranks(W_dec, 3)
+    assert st.group_stable_rank is not None and st.group_rank90 is not None
+    torch.testing.assert_close(
+        st.group_stable_rank[:3], torch.tensor([2.0, 1.0, 10 / 9], dtype=torch.float64)
+    )
+    assert math.isnan(st.group_stable_rank[3].item())
+    assert st.group_rank90.tolist() == [2, 1, 1, 0]  # [9, 1]: 9/10 reaches 90 % with one value
+    torch.testing.assert_close(st.group_stable_rank, stable_rank(blocks), equal_nan=True)
+    assert st.group_rank90.tolist() == rank90(blocks).tolist()
+    assert st.to_dict()["groups"]["mean_stable_rank"] == pytest.approx((2 + 1 + 10 / 9) / 3)
+    with pytest.raises(ValueError, match=r"group_blocks have shape \(4, 2, 4\) but the accumulator counts 2 groups"):
+        dictionary_stats_from_codes(torch.ones(3, 4), group_rank=2, group_blocks=blocks)
 
 
 def test_group_activity_counts():
@@ -108,6 +119,14 @@ def test_group_activity_counts():
     assert d["n_groups"] == 3 and d["group_rank"] == 2
 
 
+class _GroupedSAE(StandardSAE):
+    """A StandardSAE declaring groups of 2 latents whose blocks are the unit-norm decoder rows."""
+
+    def evaluation_spec(self) -> EvaluationSpec:
+        W = self.W_dec.detach().double()
+        return EvaluationSpec(group_rank=2, group_blocks=(W / W.norm(dim=-1, keepdim=True)).view(-1, 2, W.shape[1]))
+
+
 def test_dictionary_stats_through_a_real_sae(make_standard_sae):
     """StandardSAE with W_enc = I, b = 0: the latents are relu(x), so counts follow x."""
     d = 4
@@ -121,16 +140,17 @@ def test_dictionary_stats_through_a_real_sae(make_standard_sae):
         st.firing_rates, torch.tensor([1.0, 0.2, 0.02, 0.0], dtype=torch.float64)
     )
     assert st.n_dead == 1 and st.n_dense == 2 and st.is_signed is False
-    # a SASA-like SAE exposes cfg.group_rank: groups are consecutive rows of the decoder,
-    # normalised to unit rows (a group of two parallel rows has rank 1 whatever their norms)
-    sae.cfg.group_rank = 2
+    # an SAE that declares groups (as SASA: consecutive latents, decoded with unit rows) gets
+    # group statistics from its evaluation_spec
+    grouped = _GroupedSAE(sae.cfg)
+    grouped.load_state_dict(sae.state_dict())
     with torch.no_grad():
-        sae.W_dec.copy_(
+        grouped.W_dec.copy_(
             torch.stack(
                 [5 * torch.eye(d)[0], torch.eye(d)[1], torch.eye(d)[2], -3 * torch.eye(d)[2]]
             )
         )
-    st = dictionary_stats(sae, [x[:20], x[20:]], progress=False)
+    st = dictionary_stats(grouped, [x[:20], x[20:]], progress=False)
     assert st.group_rank == 2
     torch.testing.assert_close(st.group_stable_rank, torch.tensor([2.0, 1.0], dtype=torch.float64))
     assert st.group_rank90 is not None and st.group_rank90.tolist() == [2, 1]

@@ -108,8 +108,8 @@ def test_dead_fraction(acts: torch.Tensor) -> None:
     assert dead_fraction(torch.zeros(3, 5)).item() == 1.0
 
 
-def test_no_alive_latent_gives_zero_bipolar_fraction() -> None:
-    assert bipolar_fraction(torch.zeros(3, 5)).item() == 0.0
+def test_no_alive_latent_gives_nan_bipolar_fraction() -> None:
+    assert math.isnan(bipolar_fraction(torch.zeros(3, 5)).item())
 
 
 def test_count_validation() -> None:

@@ -11,12 +11,8 @@ from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_ext.metrics.dense import (
-    dense_fraction,
-    firing_counts,
-    pca_directions,
-    principal_angle_cosines,
-)
+from sae_ext.metrics.dense import dense_fraction, firing_counts
+from sae_ext.metrics.pca import pca_directions, principal_angle_cosines
 from sae_ext.registry import PLUGIN_TRAINING_ARCHITECTURES
 from sae_ext.saes.scaffold import (
     ScaffoldBatchTopKTrainingSAE,

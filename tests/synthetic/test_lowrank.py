@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_ext.metrics.dense import pca_directions, principal_angle_cosines
+from sae_ext.metrics.pca import pca_directions, principal_angle_cosines
 from sae_ext.synthetic.lowrank import SparsePlusLowRank, sparse_plus_lowrank
 
 D, N_FEAT, R = 16, 40, 3
