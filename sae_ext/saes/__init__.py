@@ -1,8 +1,6 @@
-"""SAE architectures. Every module in this package registers its classes with SAELens at import."""
+"""SAE architectures. Each module registers its classes with SAELens when imported; importing
+this package imports every one of them, by name (a new architecture module is added here)."""
 
-import importlib
-import pkgutil
+from sae_ext.saes import sasa, scaffold, sign_aware_gated
 
-for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+__all__ = ["sasa", "scaffold", "sign_aware_gated"]
