@@ -8,8 +8,23 @@ Activation checks (called by every plugin SAE):
 - **NaN / Inf in training.** ``training_forward_pass`` raises a ``ValueError`` naming the
   training step (``step_input.n_training_steps``) and how many values are NaN / Inf, before
   any state changes (no scaffold PCA initialisation, no threshold reset, no decoder fold, no
-  optimizer step). Always on: one reduction per step, small beside the step itself (on an
-  accelerator it also synchronises once per step).
+  optimizer step). By default it runs on every step whose batch is on the CPU (one reduction,
+  small beside the step) and is opt-in on accelerators (CUDA, MPS, …): there, deciding whether
+  to raise needs the reduction's result on the host, i.e. a host–device synchronisation every
+  step, which drains the queue of kernels the host has launched ahead and idles the GPU while
+  Python prepares the next ones; under ``torch.compile`` it is data-dependent control flow, a
+  graph break in every training step. ``benchmarks/gpu_check.py`` measures both (``nan_check``
+  step-time overhead, graph breaks). Choose for the process or for a block::
+
+      from sae_ext.validation import check_finite_training_inputs
+
+      check_finite_training_inputs(True)      # every step, on every device
+      check_finite_training_inputs(False)     # never
+      check_finite_training_inputs(None)      # the default: CPU batches only
+      with check_finite_training_inputs():    # on inside the block, then the previous setting
+          trainer.fit()
+
+  The automatic setting also skips the check while ``torch.compile`` traces the step.
 - **NaN / Inf at inference.** Opt-in, so that the inference hot path (splices, evals) does not
   pay a device synchronisation per call. Turn it on for the whole process or for a block::
 
@@ -35,6 +50,7 @@ import torch
 
 __all__ = [
     "check_finite_inputs",
+    "check_finite_training_inputs",
     "check_input_width",
     "check_matryoshka_widths",
     "check_sae_input",
@@ -42,14 +58,16 @@ __all__ = [
     "check_training_input",
     "check_unit_interval",
     "finite_input_checks_enabled",
+    "finite_training_checks_enabled",
     "input_width",
 ]
 
 
 class _Switch:
-    """Holder of the process-wide inference finite-check flag."""
+    """Holder of the process-wide finite-check flags."""
 
-    enabled: bool = False
+    enabled: bool = False  # inference
+    training: bool | None = None  # training; None: automatic (CPU batches only)
 
 
 class check_finite_inputs:
@@ -81,6 +99,41 @@ class check_finite_inputs:
 def finite_input_checks_enabled() -> bool:
     """Whether plugin SAEs check their inference inputs for NaN/Inf (see :class:`check_finite_inputs`)."""
     return _Switch.enabled
+
+
+class check_finite_training_inputs:
+    """Set the training NaN/Inf check: True (every step, any device), False (never) or None
+    (automatic, the default: batches on the CPU only; see the module docstring for why).
+
+    Used like :class:`check_finite_inputs`: a plain call takes effect immediately; as a context
+    manager it restores the previous setting on exit.
+    """
+
+    def __init__(self, enabled: bool | None = True) -> None:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True, False or None (automatic); got {enabled!r}")
+        self.previous = _Switch.training
+        _Switch.training = enabled
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _Switch.training = self.previous
+
+
+def finite_training_checks_enabled(device: torch.device | str) -> bool:
+    """Whether a training batch on ``device`` is checked for NaN/Inf (see
+    :class:`check_finite_training_inputs`); the automatic setting also skips it while
+    ``torch.compile`` traces."""
+    if _Switch.training is not None:
+        return _Switch.training
+    return torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------- activations
@@ -147,13 +200,16 @@ def check_sae_input(sae: Any, x: torch.Tensor) -> None:
 
 
 def check_training_input(sae: Any, step_input: Any) -> None:
-    """The checks every plugin SAE runs first in ``training_forward_pass``: width and NaN/Inf.
+    """The checks every plugin SAE runs first in ``training_forward_pass``: width (always) and
+    NaN/Inf (while :func:`finite_training_checks_enabled` for the batch's device).
 
     Raises before the step changes anything, so the weights and the optimizer state are those
     of the last good step.
     """
     x = step_input.sae_in
     check_input_width(sae, x)
+    if not finite_training_checks_enabled(x.device):
+        return
     summary = _non_finite_summary(x)
     if summary is not None:
         raise ValueError(

@@ -19,8 +19,10 @@ from sae_ext.saes.sasa import SASASAEConfig
 from sae_ext.testing import small_training_config
 from sae_ext.validation import (
     check_finite_inputs,
+    check_finite_training_inputs,
     check_matryoshka_widths,
     finite_input_checks_enabled,
+    finite_training_checks_enabled,
 )
 
 ARCHS = plugin_training_architectures()
@@ -219,6 +221,33 @@ def test_check_finite_inputs_rejects_non_bools() -> None:
     with pytest.raises(TypeError, match="bool"):
         check_finite_inputs(1)  # type: ignore[arg-type]
     assert not finite_input_checks_enabled()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_finite_check_is_automatic_per_device_and_can_be_forced(arch: str) -> None:
+    """Default: CPU batches are checked, accelerator batches are not (a host sync per step);
+    True / False force it on / off everywhere; None restores the automatic setting."""
+    assert finite_training_checks_enabled("cpu") and not finite_training_checks_enabled("cuda")
+    sae = _training(arch)
+    sae.training_forward_pass(_step(torch.randn(64, D_IN), sae))  # one-time data inits done
+    with check_finite_training_inputs(False):
+        assert not finite_training_checks_enabled("cpu")
+        out = sae.training_forward_pass(_step(_poisoned(), sae))  # not checked: NaN flows through
+        assert not torch.isfinite(out.loss)
+        with check_finite_training_inputs(True):
+            assert finite_training_checks_enabled("cuda") and finite_training_checks_enabled("mps")
+            with pytest.raises(ValueError, match="training step 0"):
+                sae.training_forward_pass(_step(_poisoned(), sae))
+        assert not finite_training_checks_enabled("cpu")  # the context manager restored it
+    check_finite_training_inputs(True)  # a plain call sets it until set again
+    try:
+        assert finite_training_checks_enabled("cuda:0")
+    finally:
+        check_finite_training_inputs(None)
+    assert finite_training_checks_enabled("cpu") and not finite_training_checks_enabled("cuda:0")
+    with pytest.raises(TypeError, match="True, False or None"):
+        check_finite_training_inputs(1)  # type: ignore[arg-type]
+    assert finite_training_checks_enabled("cpu")
 
 
 # --------------------------------------------------------------------------- configs

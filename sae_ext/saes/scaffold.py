@@ -32,7 +32,7 @@ unhooked ``s``). Spliced into a model it is ``<hook_name>.hook_scaffold``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -372,6 +372,12 @@ class ScaffoldJumpReLUSAE(_ScaffoldCore, JumpReLUSAE):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         self._make_scaffold_params(random_frame=False)  # loaded from disk
+        # JumpReLU creates the threshold in the SAE dtype; a bf16 SAE (e.g. loaded with
+        # dtype="bfloat16") then gates in bf16. Keep it float32 (float64 for a float64 SAE),
+        # as ``_apply`` does for casts; bf16-saved values load bf16-rounded but compare in float32.
+        self.threshold = nn.Parameter(
+            self.threshold.data.to(torch.promote_types(self.dtype, torch.float32))
+        )
 
     @override
     def _apply(self, *args: Any, **kwargs: Any) -> ScaffoldJumpReLUSAE:
@@ -394,13 +400,29 @@ class ScaffoldJumpReLUSAE(_ScaffoldCore, JumpReLUSAE):
 # --------------------------------------------------------------------------- training
 
 
+def _variance_share(s: torch.Tensor, recon: torch.Tensor) -> float:
+    """Var(s) / Var(x̂): total variance over dimensions, centred over tokens (float64)."""
+    s2 = s.reshape(-1, s.shape[-1]).double()
+    r2 = recon.reshape(-1, recon.shape[-1]).double()
+    var_recon = (r2 - r2.mean(0)).pow(2).sum()
+    var_s = (s2 - s2.mean(0)).pow(2).sum()
+    return float((var_s / var_recon.clamp(min=1e-12)).item())
+
+
+def _forget_scaffold_initialized(module: Any, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: re-read ``scaffold_initialized`` at the next step."""
+    del incompatible_keys
+    module._scaffold_known_initialized = False
+
+
 class _ScaffoldTrainingMixin(_ScaffoldCore):
     """Training-side scaffold logic shared by the BatchTopK and Matryoshka classes.
 
     Adds: the scaffold parameters; PCA initialisation on the first training batch; the
     scaffold term in ``decode``; training metrics; dropping training-only state on save.
 
-    Metrics (``TrainStepOutput.metrics``):
+    Metrics (``TrainStepOutput.metrics``; zero-argument callables, which SAELens's trainer
+    evaluates on logging steps only, so a step never waits for a value on the host):
       - ``scaffold_variance_share``: Var(s) / Var(x̂) on the batch (total variance over
         dimensions, centred over tokens) — the part of the reconstruction the scaffold carries
         (s and the sparse part may correlate, so shares need not add up to 1).
@@ -423,6 +445,17 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         self._init_scaffold_hook()
         self._record_scaffold = False
         self._last_scaffold: torch.Tensor | None = None
+        # host-side copy of ``scaffold_initialized`` once it is known to be True, so training
+        # steps do not read the device flag (a host-device sync per step on an accelerator);
+        # forgotten whenever a state dict is loaded
+        self._scaffold_known_initialized = False
+        self.register_load_state_dict_post_hook(_forget_scaffold_initialized)  # type: ignore[attr-defined]
+
+    def _scaffold_is_initialized(self) -> bool:
+        """``scaffold_initialized``, read from the device only until it is first seen True."""
+        if not self._scaffold_known_initialized:
+            self._scaffold_known_initialized = bool(self.scaffold_initialized)
+        return self._scaffold_known_initialized
 
     def initialize_weights(self) -> None:
         super().initialize_weights()  # type: ignore[misc]
@@ -462,6 +495,7 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         self.scaffold_V.data.copy_(basis)
         self.scaffold_U.data.copy_(basis.T)
         self.scaffold_initialized.fill_(True)
+        self._scaffold_known_initialized = True
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """``x̂ = f W_dec + s + b_dec`` (SAELens TopK decoding plus the pending scaffold)."""
@@ -480,7 +514,7 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_training_input(self, step_input)  # before the PCA init can see a bad batch
-        if not bool(self.scaffold_initialized):
+        if not self._scaffold_is_initialized():
             self.init_scaffold_from_batch(step_input.sae_in)
         self._record_scaffold = True
         try:
@@ -495,21 +529,25 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
     @torch.no_grad()
     def _scaffold_metrics(
         self, output: TrainStepOutput, s: torch.Tensor | None, is_logging_step: bool
-    ) -> dict[str, float]:
-        metrics: dict[str, float] = {}
+    ) -> dict[str, Callable[[], float]]:
+        """The metrics as callables over this step's values (SAELens's trainer evaluates them
+        only on logging steps): reading a value on the host every step would synchronise an
+        accelerator every step. The window counter itself is updated on the device."""
+        metrics: dict[str, Callable[[], float]] = {}
         if s is not None:
-            recon = output.sae_out.detach().reshape(-1, self.cfg.d_in).double()
-            s2 = s.detach().reshape(-1, self.cfg.d_in).double()
-            var_recon = (recon - recon.mean(0)).pow(2).sum()
-            var_s = (s2 - s2.mean(0)).pow(2).sum()
-            metrics["scaffold_variance_share"] = (var_s / var_recon.clamp(min=1e-12)).item()
-        counts = firing_counts(output.feature_acts.detach(), mostly_zero=True)  # BatchTopK codes
-        n_batch = output.feature_acts.shape[:-1].numel()
+            recon, s_now = output.sae_out.detach(), s.detach()
+            metrics["scaffold_variance_share"] = lambda: _variance_share(s_now, recon)
+        acts = output.feature_acts.detach()
+        # counting from the non-zero indices (BatchTopK codes are mostly zero) is cheaper on a
+        # CPU, but ``nonzero`` synchronises an accelerator; elsewhere count with a reduction
+        counts = firing_counts(acts, mostly_zero=acts.device.type == "cpu")
+        n_batch = acts.shape[:-1].numel()
         self.dense_window_counts += counts.to(self.dense_window_counts)
         self.dense_window_tokens += n_batch
-        metrics["dense_latent_fraction_batch"] = dense_fraction(counts, n_batch, DENSE_THRESHOLD)
-        metrics["dense_latent_fraction"] = dense_fraction(
-            self.dense_window_counts.double(), int(self.dense_window_tokens), DENSE_THRESHOLD
+        window, window_tokens = self.dense_window_counts.double(), self.dense_window_tokens.clone()
+        metrics["dense_latent_fraction_batch"] = lambda: dense_fraction(counts, n_batch, DENSE_THRESHOLD)
+        metrics["dense_latent_fraction"] = lambda: dense_fraction(
+            window, int(window_tokens), DENSE_THRESHOLD
         )
         if is_logging_step:
             self.dense_window_counts.zero_()
@@ -540,6 +578,23 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
         for name in ("scaffold_initialized", "dense_window_counts", "dense_window_tokens"):
             state_dict.pop(name, None)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        """Keep BatchTopK's running threshold (a float64 buffer) at least float32 under
+        ``.to(torch.bfloat16)`` and other narrowing casts; device moves still apply."""
+        before = self._buffers.get("topk_threshold")  # type: ignore[attr-defined]
+        out = super()._apply(*args, **kwargs)  # type: ignore[misc]
+        after = self._buffers.get("topk_threshold")  # type: ignore[attr-defined]
+        if (
+            before is not None
+            and after is not None
+            and after.is_floating_point()
+            and torch.finfo(after.dtype).bits < 32
+        ):
+            self._buffers["topk_threshold"] = before.to(  # type: ignore[attr-defined]
+                device=after.device, dtype=torch.promote_types(before.dtype, torch.float32)
+            )
+        return out
 
 
 class ScaffoldBatchTopKTrainingSAE(_ScaffoldTrainingMixin, BatchTopKTrainingSAE):

@@ -173,6 +173,41 @@ def test_training_checkpoint_resumes_without_re_initialising(arch: str, tmp_path
     assert torch.equal(again.scaffold_V.detach(), sae.scaffold_V.detach())
 
 
+def test_loading_an_uninitialised_state_makes_the_next_step_initialise_again() -> None:
+    """The host-side copy of ``scaffold_initialized`` (no device read per step) follows loads."""
+    sae = _make("scaffold_batchtopk")
+    fresh = {k: v.clone() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        sae.training_forward_pass(_step(_data().sample(256).activations))
+    sae.load_state_dict(fresh)
+    assert not bool(sae.scaffold_initialized)
+    second = _data(seed=1).sample(512).activations + 5.0
+    with torch.no_grad():
+        sae.training_forward_pass(_step(second))
+    assert bool(sae.scaffold_initialized)
+    cos = principal_angle_cosines(sae.scaffold_subspace(), pca_directions(second, R))
+    assert cos.min().item() > 1 - 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_topk_threshold_stays_at_least_float32_under_casts(arch: str) -> None:
+    sae = _make(arch)
+    with torch.no_grad():
+        sae.training_forward_pass(_step(_data().sample(256).activations))
+    value = sae.topk_threshold.item()
+    sae.to(torch.bfloat16)
+    assert sae.W_dec.dtype == torch.bfloat16 and sae.topk_threshold.dtype == torch.float64
+    assert sae.topk_threshold.item() == value  # not rounded through bf16
+    assert _make(arch, dtype="bfloat16").to(torch.float16).topk_threshold.dtype == torch.float64
+
+
+def test_inference_threshold_is_float32_in_an_sae_built_in_bf16() -> None:
+    """Built directly in bf16 (no ``.to`` call to restore it), the threshold is float32."""
+    cfg = _cfg("scaffold_batchtopk", dtype="bfloat16").get_inference_sae_cfg_dict()
+    sae = SAE.from_dict(cfg)
+    assert sae.W_dec.dtype == torch.bfloat16 and sae.threshold.dtype == torch.float32
+
+
 def test_random_init_is_an_orthonormal_frame_kept_on_the_first_batch() -> None:
     sae = _make("scaffold_batchtopk", scaffold_init="random")
     assert bool(sae.scaffold_initialized)
@@ -384,19 +419,23 @@ def test_training_metrics_scaffold_share_and_dense_window() -> None:
     with torch.no_grad():
         for x, logging in zip(batches, (False, True, False)):
             outs.append(sae.training_forward_pass(_step(x, logging=logging)))
+    # the metrics are callables (no host sync per step), evaluated here after all three steps:
+    # each must still report its own step's values
+    assert all(callable(v) for o in outs for v in o.metrics.values() if not isinstance(v, torch.Tensor))
+    metrics = [{k: v() if callable(v) else v for k, v in o.metrics.items()} for o in outs]
     # variance share, recomputed by hand from the scaffold and the reconstruction
     x = batches[2]
     s = sae.scaffold(x)
     recon = outs[2].sae_out
     share = (s - s.mean(0)).pow(2).sum() / (recon - recon.mean(0)).pow(2).sum()
-    assert outs[2].metrics["scaffold_variance_share"] == pytest.approx(share.item(), rel=1e-4)
+    assert metrics[2]["scaffold_variance_share"] == pytest.approx(share.item(), rel=1e-4)
     counts = [firing_counts(o.feature_acts) for o in outs]
-    assert outs[0].metrics["dense_latent_fraction"] == dense_fraction(counts[0], 128)
+    assert metrics[0]["dense_latent_fraction"] == dense_fraction(counts[0], 128)
     # the window covers every step up to and including the logging step ...
-    assert outs[1].metrics["dense_latent_fraction"] == dense_fraction(counts[0] + counts[1], 192)
-    assert outs[1].metrics["dense_latent_fraction_batch"] == dense_fraction(counts[1], 64)
+    assert metrics[1]["dense_latent_fraction"] == dense_fraction(counts[0] + counts[1], 192)
+    assert metrics[1]["dense_latent_fraction_batch"] == dense_fraction(counts[1], 64)
     # ... and restarts after it
-    assert outs[2].metrics["dense_latent_fraction"] == dense_fraction(counts[2], 96)
+    assert metrics[2]["dense_latent_fraction"] == dense_fraction(counts[2], 96)
 
 
 def test_matryoshka_levels_all_include_the_scaffold() -> None:
