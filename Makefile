@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/sae-ext demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	@# headless Chromium for tests/test_dashboard.py (Debian's package; skipped where apt-get is missing)
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))) || true
 	$(VENV)/bin/ruff check sae_ext tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,5 +1,6 @@
 """The ``sae-ext`` command line: ``demo`` (the main job), ``train`` (SAELens's training CLI with
-the plugin architectures registered) and ``eval`` (evaluate a saved SAE)."""
+the plugin architectures registered), ``eval`` (evaluate a saved SAE) and ``dashboard`` (offline
+HTML latent dashboards of a saved SAE)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _train(argv: Sequence[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sae_ext.bench import add_bench_arguments
+    from sae_ext.dashboard import add_dashboard_arguments
     from sae_ext.demo import add_demo_arguments
     from sae_ext.evaluate import add_eval_arguments
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_arguments(sub.add_parser("demo", help="the main job on the embedded model and text"))
     add_eval_arguments(sub.add_parser("eval", help="evaluate a saved SAE: run_evals, dark matter, dictionary stats, error nodes"))
+    add_dashboard_arguments(sub.add_parser("dashboard", help="offline HTML latent dashboards of a saved SAE"))
     add_bench_arguments(sub.add_parser("bench", help="synthetic benchmarks of benchmarks/ (--quick: minutes)"))
     sub.add_parser("train", help="SAELens training CLI (all SAELens flags) with sae_ext architectures", add_help=False)
     return parser
@@ -58,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_ext.evaluate import run_eval_command
 
         return run_eval_command(args)
+    elif args.command == "dashboard":
+        from sae_ext.dashboard import run_dashboard_command
+
+        return run_dashboard_command(args)
     return 0
 
 

@@ -221,6 +221,7 @@ def capture_dir(activations_dir: str | Path, hook: str, context_size: int, n_row
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the main job and return its table rows."""
     from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache
+    from sae_ext.dashboard import write_demo_dashboard
     from sae_ext.data import default_token_dataset
     from sae_ext.evaluate import evaluate_sae
     from sae_ext.models import DEFAULT_MODEL_NAME, load_default_model
@@ -275,6 +276,7 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         phases[f"train {entry.name}"] = train_s
         phases[f"eval {entry.name}"] = time.perf_counter() - t
+        write_demo_dashboard(sae_dir.name, entry.architecture, sae, model, eval_ds, out)
         rows.append({**summarize(entry.name, entry.architecture, res), "train_seconds": train_s, "path": str(sae_dir)})
     phases["total"] = time.perf_counter() - t0
     report = {
