@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--capture-tokens", type=int, default=60_000)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--width", type=int, default=576)
-    p.add_argument("--l1-coefficient", type=float, default=10.0)
+    p.add_argument("--l0-coefficient", type=float, default=1.0, help="λ₀ (SA-GSAE v2's L0 coefficient)")
     p.add_argument("--activations-dir", type=Path, default=Path("sae_ext_out/activations"))
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/bench_sign_aware_gated_smollm2"))
     p.add_argument("--tag", default="sign_aware_gated_smollm2")
@@ -65,7 +65,7 @@ def main() -> None:
     for seed in args.seeds:
         for name, kw in VARIANTS.items():
             cfg = SignAwareGatedTrainingSAEConfig(
-                d_in=d_in, d_sae=args.width, l1_coefficient=args.l1_coefficient,
+                d_in=d_in, d_sae=args.width, l0_coefficient=args.l0_coefficient,
                 normalize_activations="expected_average_only_in", **kw,
             )
             sae_dir = args.out / args.hook / f"seed{seed}" / name.split(" ")[0].replace("=", "").replace("α", "alpha")
@@ -87,13 +87,13 @@ def main() -> None:
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "summary": summary,
          "wall_seconds": time.perf_counter() - t0}, indent=2))
-    md = [f"# SA-GSAE@H ablations on SmolLM2-135M `{args.hook}` (seeds {args.seeds}, λ {args.l1_coefficient}, "
+    md = [f"# SA-GSAE@H ablations on SmolLM2-135M `{args.hook}` (seeds {args.seeds}, λ₀ {args.l0_coefficient}, "
           f"{args.tokens:,} tokens)", "", "| variant | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     md += ["| " + name + " | " + " | ".join(format_mean_sd(*st[k]) for k in METRICS) + " |"
            for name, st in summary.items()]
     md += ["", f"Wall time {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/bench_sign_aware_gated_smollm2.py "
                f"--hook {args.hook} --seeds {' '.join(map(str, args.seeds))} --tokens {args.tokens} "
-               f"--eval-tokens {args.eval_tokens} --l1-coefficient {args.l1_coefficient}`"]
+               f"--eval-tokens {args.eval_tokens} --l0-coefficient {args.l0_coefficient}`"]
     (RESULTS / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

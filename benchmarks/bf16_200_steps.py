@@ -50,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HOOK = "blocks.15.hook_mlp_out"
 #: training tensors that hold thresholds, per architecture (``None``: the architecture has none)
 THRESHOLD_TENSORS = {
-    "sign_aware_gated": ("log_threshold_pos", "threshold_pos"),
+    "sign_aware_gated": ("threshold_pos", "threshold_pos"),
     "scaffold_batchtopk": ("topk_threshold", "threshold"),
     "scaffold_matryoshka_batchtopk": ("topk_threshold", "threshold"),
     "sasa": None,
@@ -61,7 +61,7 @@ def sae_kwargs(arch: str, d_in: int, width: int, k: int, dtype: str) -> dict[str
     """The demo's settings (``sae_ext.demo.demo_entries``) for ``arch``."""
     norm = {"normalize_activations": "expected_average_only_in", "dtype": dtype}
     if arch == "sign_aware_gated":
-        return {"d_in": d_in, "d_sae": width, "l1_coefficient": 1.0, **norm}
+        return {"d_in": d_in, "d_sae": width, "l0_coefficient": 1.0, **norm}
     if arch.startswith("scaffold"):
         return {"d_in": d_in, "d_sae": 2 * width, "k": k, **norm}
     if arch == "sasa":

@@ -26,8 +26,9 @@ D_IN, D_SAE, K = 32, 128, 4
 STEPS, BATCH = 30, 128
 #: tensors that keep their own precision in a bf16 SAE
 OWN_DTYPE = {
-    "log_threshold_pos": torch.float32,  # SA-GSAE thresholds: float32 whatever the SAE dtype
-    "log_threshold_neg": torch.float32,
+    "threshold_pos": torch.float32,  # SA-GSAE thresholds: float32 whatever the SAE dtype
+    "threshold_neg": torch.float32,
+    "data_initialized": torch.bool,  # SA-GSAE: b_dec already set from the first batch
     "topk_threshold": torch.float64,  # SAELens BatchTopK keeps it in float64
     "scaffold_initialized": torch.bool,
     "dense_window_counts": torch.int64,

@@ -50,12 +50,12 @@ BATCH = CONTEXT * PROMPTS  # one LLM batch = one training batch = 64 tokens
 N_STEPS = 8
 #: warm-ups, so the coefficient schedulers carry state across the checkpoint
 ARCH_KWARGS: dict[str, dict[str, Any]] = {
-    "sign_aware_gated": {"l1_warm_up_steps": 6},
+    "sign_aware_gated": {"l0_warm_up_steps": 6},
     "sasa": {"nuclear_warm_up_steps": 6, "n_active_groups": 2},
 }
 #: state that must survive the checkpoint, beyond the encoder/decoder weights
 ARCH_STATE = {
-    "sign_aware_gated": {"log_threshold_pos", "log_threshold_neg", "b_gate", "b_mag", "r_mag"},
+    "sign_aware_gated": {"threshold_pos", "threshold_neg", "data_initialized", "b_gate", "b_mag", "r_mag"},
     "sasa": {"W_dec", "W_enc", "b_enc"},
     "scaffold_batchtopk": {
         "scaffold_U", "scaffold_V", "scaffold_initialized", "topk_threshold",

@@ -68,7 +68,7 @@ def _with_pending_state_changes(sae: TrainingSAE) -> TrainingSAE:
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.cfg.d_sae)[:, None].to(sae.W_dec))
         for name, p in sae.named_parameters():
-            if name.startswith("log_threshold"):
+            if name.startswith("threshold"):
                 p.add_(1.0)
     return sae
 
@@ -286,20 +286,21 @@ CONFIG_ERRORS = [
     # SA-GSAE thresholds
     (
         "sign_aware_gated",
-        {"initial_threshold": 0.0},
-        r"initial_threshold must be a finite number > 0, got 0\.0",
-    ),
-    (
-        "sign_aware_gated",
         {"initial_threshold": -1e-3},
-        r"initial_threshold must be a finite number > 0",
+        r"initial_threshold must be a finite number >= 0 or 'auto', got -0\.001",
     ),
     (
         "sign_aware_gated",
         {"initial_threshold": math.inf},
-        r"initial_threshold must be a finite number > 0, got inf",
+        r"initial_threshold must be a finite number >= 0 or 'auto', got inf",
     ),
     ("sign_aware_gated", {"bandwidth": 0}, r"bandwidth must be a finite number > 0, got 0"),
+    ("sign_aware_gated", {"l0_coefficient": -1.0}, r"l0_coefficient must be a finite number >= 0, got -1\.0"),
+    (
+        "sign_aware_gated",
+        {"sparsity_loss_mode": "quadratic"},
+        r"target_l0 must be set when sparsity_loss_mode='quadratic'",
+    ),
     # Matryoshka widths
     (
         "scaffold_matryoshka_batchtopk",

@@ -1,4 +1,4 @@
-"""Sign-aware gated SAE (SA-GSAE, SPEC §1), registered as ``sign_aware_gated``.
+"""Sign-aware gated SAE (SA-GSAE v2, SPEC §1), registered as ``sign_aware_gated``.
 
 A Gated SAE made two-sided: one latent can fire positive or negative along a single
 decoder direction, so anticorrelated concepts ("too high" / "too low") share one latent::
@@ -10,14 +10,17 @@ decoder direction, so anticorrelated concepts ("too high" / "too low") share one
     f  = γ⁺ m⁺ − γ⁻ m⁻                          signed latent (hook_sae_acts_post)
     x̂  = f W_dec + b_dec
 
-    L  = ‖x − x̂‖² + λ Σ_i |BiJumpReLU(π)_i| ‖W_dec,i‖
-         + α ‖x − (BiJumpReLU(π) sg(W_dec) + sg(b_dec))‖²
+    L  = ‖x − x̂‖² + λ₀ S(ℓ₀) + α ‖x − (g sg(W_dec) + sg(b_dec))‖²
+         + λ_P Σ_i dead_i ReLU(min(θ⁺_i − π_i, π_i + θ⁻_i)) sg(‖W_dec,i‖)
+
+with ℓ₀ = Σ_i (γ⁺_i + γ⁻_i) through the step's straight-through estimator, g = BiJumpReLU(π)
+with sg(θ), and S as SAELens ``jumprelu`` (``step``, ``quadratic`` around ``target_l0``,
+``tanh``). v2 replaces v1's L1 penalty and log-space thresholds, which left the codes dense.
 
 Parameters: ``b_gate``, ``b_mag``, ``r_mag`` (ρ⁺, or the shared ρ when ``tie_radii``),
-``r_mag_neg`` (ρ⁻, only when ``two_sided`` and not ``tie_radii``), and the thresholds:
-``log_threshold_pos`` / ``log_threshold_neg`` while training, ``threshold_pos`` /
-``threshold_neg`` (linear space) in the saved inference SAE. The negative-side parameters
-do not exist when ``two_sided=False``. Thresholds are float32 (float64 for a float64 SAE)
+``r_mag_neg`` (ρ⁻, only when ``two_sided`` and not ``tie_radii``), and the linear thresholds
+``threshold_pos`` / ``threshold_neg`` (the latter only when ``two_sided``), the same names in
+the training and the inference SAE. Thresholds are float32 (float64 for a float64 SAE)
 whatever the SAE dtype, ``.to(dtype)`` included, and gates are compared in that precision.
 (SAELens's disk loader casts every saved tensor to the config dtype before loading, so a
 bf16 SAE loaded from disk gets float32 thresholds holding bf16-rounded values.)
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from numpy.typing import NDArray
@@ -55,8 +58,14 @@ from sae_ext.validation import check_sae_input, check_training_input
 
 ARCHITECTURE = "sign_aware_gated"
 
-_LOG_THRESHOLDS = ("log_threshold_pos", "log_threshold_neg")
+SparsityLossMode = Literal["step", "quadratic", "tanh"]
+BDecInit = Literal["mean", "geometric_median", "zeros"]
+SPARSITY_LOSS_MODES: tuple[str, ...] = ("step", "quadratic", "tanh")
+B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
+
 _THRESHOLDS = ("threshold_pos", "threshold_neg")
+#: bool buffer of the training SAE: b_dec (and "auto" thresholds) already set from data
+_INIT_FLAG = "data_initialized"
 
 Gates = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -81,44 +90,55 @@ class SignAwareGatedSAEConfig(SAEConfig):
 
 @dataclass
 class SignAwareGatedTrainingSAEConfig(TrainingSAEConfig):
-    """Configuration for training a :class:`SignAwareGatedTrainingSAE`.
+    """Configuration for training a :class:`SignAwareGatedTrainingSAE` (SPEC §1 v2).
+
+    Names follow SAELens ``jumprelu`` where they mean the same. Coefficients are in units of
+    the SAE's (normalised) input, e.g. E‖x‖² = d_in with
+    ``normalize_activations="expected_average_only_in"``.
 
     Args:
-        l1_coefficient: λ, weight of the sparsity penalty Σ|BiJumpReLU(π)|·‖W_dec,i‖ (≥ 0).
-        l1_warm_up_steps: steps over which λ ramps linearly from 0 (≥ 0).
+        l0_coefficient: λ₀, weight of the sparsity loss S(ℓ₀) (≥ 0).
+        l0_warm_up_steps: steps over which λ₀ ramps linearly from 0 (≥ 0).
+        sparsity_loss_mode: S: ``"step"`` (ℓ₀, default), ``"quadratic"`` ((2/T)(ℓ₀ − T)² with
+            ``target_l0`` T) or ``"tanh"`` (Σ_i tanh(c·|f_i|·‖W_dec,i‖), c = ``tanh_scale``).
+        target_l0: T, required by ``"quadratic"`` (0 < T ≤ d_sae).
+        tanh_scale: c of the ``"tanh"`` mode (> 0).
+        pre_act_loss_coefficient: λ_P of the two-sided pre-activation loss on dead latents
+            (≥ 0; None = off, as SAELens).
+        ste_to_input: the gates' straight-through estimator also reaches π (so W_enc,
+            b_gate), not only the thresholds (SAELens ``jumprelu_ste_to_input``).
         aux_coefficient: α, weight of the auxiliary gate-path reconstruction through a
             frozen decoder copy (≥ 0; 0 drops the term, the paper's collapse ablation).
         tie_radii: one radius ρ = ρ⁺ = ρ⁻ per latent (the paper's recommended default).
         two_sided: open the negative gate; False gives a one-sided JumpReLU-gated SAE.
-        initial_threshold: starting θ⁺ = θ⁻ in units of the SAE input (> 0).
-        bandwidth: ε, width of the straight-through kernel for the thresholds (> 0).
+        initial_threshold: starting θ⁺ = θ⁻ (≥ 0), or ``"auto"``: each latent's median |π|
+            on the first training batch.
+        bandwidth: ε, width of the straight-through kernel (> 0).
+        b_dec_init: ``"mean"`` (default), ``"geometric_median"`` of the first training batch,
+            or ``"zeros"``. Set lazily on that batch, before the optimiser has any state.
         dead_threshold_reset: at every training step, for latents in the trainer's dead
-            mask (no firing for ``dead_feature_window`` steps), lower θ⁺ and θ⁻ back to
-            ``initial_threshold`` if they grew above it.
+            mask (no firing for ``dead_feature_window`` steps), lower θ⁺ and θ⁻ back to their
+            initial value (``initial_threshold``, or for ``"auto"`` the latent's median |π| on
+            the current batch) if they grew above it.
     """
 
-    l1_coefficient: float = 1.0
-    l1_warm_up_steps: int = 0
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    sparsity_loss_mode: SparsityLossMode = "step"
+    target_l0: float | None = None
+    tanh_scale: float = 4.0
+    pre_act_loss_coefficient: float | None = None
+    ste_to_input: bool = False
     aux_coefficient: float = 1.0
     tie_radii: bool = True
     two_sided: bool = True
-    initial_threshold: float = 1e-3
+    initial_threshold: float | Literal["auto"] = 0.01
     bandwidth: float = 0.05
+    b_dec_init: BDecInit = "mean"
     dead_threshold_reset: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("l1_coefficient", "aux_coefficient"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.l1_warm_up_steps, int) and self.l1_warm_up_steps >= 0):
-            raise ValueError(
-                f"l1_warm_up_steps must be an integer >= 0, got {self.l1_warm_up_steps!r}"
-            )
-        for name in ("initial_threshold", "bandwidth"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        _validate_training_config(self)
         _check_whitening_foldable(self, only_if_whitening=True)
         super().__post_init__()
 
@@ -126,6 +146,46 @@ class SignAwareGatedTrainingSAEConfig(TrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_training_config(cfg: SignAwareGatedTrainingSAEConfig) -> None:
+    """One clear ``ValueError`` for the first bad setting, naming the value and what is allowed."""
+    for name in ("l0_coefficient", "aux_coefficient"):
+        value = getattr(cfg, name)
+        if not (_is_number(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    value = cfg.pre_act_loss_coefficient
+    if value is not None and not (_is_number(value) and value >= 0):
+        raise ValueError(f"pre_act_loss_coefficient must be None (off) or a finite number >= 0, got {value!r}")
+    if isinstance(cfg.l0_warm_up_steps, bool) or not (
+        isinstance(cfg.l0_warm_up_steps, int) and cfg.l0_warm_up_steps >= 0
+    ):
+        raise ValueError(f"l0_warm_up_steps must be an integer >= 0, got {cfg.l0_warm_up_steps!r}")
+    if cfg.sparsity_loss_mode not in SPARSITY_LOSS_MODES:
+        raise ValueError(f"sparsity_loss_mode must be one of {SPARSITY_LOSS_MODES}, got {cfg.sparsity_loss_mode!r}")
+    if cfg.sparsity_loss_mode == "quadratic" and cfg.target_l0 is None:
+        raise ValueError(
+            "target_l0 must be set when sparsity_loss_mode='quadratic' (the L0 the penalty "
+            "(2/T)(ℓ₀ − T)² pulls towards), got None"
+        )
+    if cfg.target_l0 is not None and not (_is_number(cfg.target_l0) and 0 < cfg.target_l0 <= cfg.d_sae):
+        raise ValueError(f"target_l0 must be a number in (0, d_sae = {cfg.d_sae}], got {cfg.target_l0!r}")
+    for name in ("tanh_scale", "bandwidth"):
+        value = getattr(cfg, name)
+        if not (_is_number(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    theta = cfg.initial_threshold
+    if theta != "auto" and not (_is_number(theta) and theta >= 0):
+        raise ValueError(f"initial_threshold must be a finite number >= 0 or 'auto', got {theta!r}")
+    if cfg.b_dec_init not in B_DEC_INITS:
+        raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {cfg.b_dec_init!r}")
+    for name in ("ste_to_input", "tie_radii", "two_sided", "dead_threshold_reset"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
 
 
 AnyConfig = SignAwareGatedSAEConfig | SignAwareGatedTrainingSAEConfig
@@ -148,6 +208,27 @@ def _check_whitening_foldable(cfg: AnyConfig, *, only_if_whitening: bool = False
         )
 
 
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, max_iter: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """The geometric median of the rows of ``x`` ``[n, d]`` (Weiszfeld's algorithm, float64).
+
+    The point minimising the summed Euclidean distance to the rows: a mean that a few
+    outlying tokens cannot drag (used for ``b_dec_init="geometric_median"``).
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"geometric_median needs a non-empty [n, d] tensor, got shape {tuple(x.shape)}")
+    x = x.to(torch.float64)
+    y = x.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp(min=1e-12)
+        y_next = (w[:, None] * x).sum(0) / w.sum()
+        done = (y_next - y).norm() <= tol * max(1.0, float(y.norm()))
+        y = y_next
+        if done:
+            break
+    return y
+
+
 class _SignAwareGatedMixin:
     """Code shared by the inference and training classes (they hold the same parameters)."""
 
@@ -161,16 +242,19 @@ class _SignAwareGatedMixin:
     b_mag: nn.Parameter
     r_mag: nn.Parameter
     r_mag_neg: nn.Parameter | None
+    threshold_pos: nn.Parameter
+    threshold_neg: nn.Parameter | None
     hook_sae_acts_pre: Callable[[torch.Tensor], torch.Tensor]
     hook_sae_acts_post: Callable[[torch.Tensor], torch.Tensor]
     process_sae_in: Callable[[torch.Tensor], torch.Tensor]
+    fold_and_get_W_dec_norm: Callable[[], torch.Tensor]
 
     @property
     def threshold_dtype(self) -> torch.dtype:
         """float32, or float64 for a float64 SAE."""
         return torch.promote_types(self.dtype, torch.float32)
 
-    def _init_sign_aware_params(self) -> None:
+    def _init_sign_aware_params(self, initial_threshold: float) -> None:
         def zeros() -> nn.Parameter:
             return nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
 
@@ -178,17 +262,20 @@ class _SignAwareGatedMixin:
         self.b_mag = zeros()
         self.r_mag = zeros()
         self.r_mag_neg = zeros() if self.cfg.two_sided and not self.cfg.tie_radii else None
+        theta = torch.full((self.cfg.d_sae,), initial_threshold, dtype=self.threshold_dtype, device=self.device)
+        self.threshold_pos = nn.Parameter(theta.clone())
+        self.threshold_neg = nn.Parameter(theta.clone()) if self.cfg.two_sided else None
 
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(θ⁺, θ⁻) in linear space; θ⁻ is None when ``two_sided=False``."""
-        raise NotImplementedError
+        """(θ⁺, θ⁻), linear; θ⁻ is None when ``two_sided=False``."""
+        return self.threshold_pos, self.threshold_neg
 
     def radii(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ρ⁺, ρ⁻); the same tensor twice when the radii are tied."""
         return self.r_mag, self.r_mag if self.r_mag_neg is None else self.r_mag_neg
 
     def _encode(self, x: torch.Tensor, gates: Gates) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signed latents f and the gate pre-activation π for input ``x``."""
+        """Signed latents f and the gate pre-activation π for input ``x`` ``[..., d_in]``."""
         check_sae_input(self, x)  # width (always), NaN/Inf (opt-in): sae_ext.validation
         sae_in = self.process_sae_in(x)
         mu = sae_in @ self.W_enc
@@ -201,49 +288,67 @@ class _SignAwareGatedMixin:
         return self.hook_sae_acts_post(acts), pi
 
     @torch.no_grad()
-    def _fold_gate_and_magnitude(self, W_dec_norms: torch.Tensor) -> None:
-        """Scale the biases like W_enc's columns (ρ needs nothing: W_enc carries the scale)."""
-        self.b_gate.data.mul_(W_dec_norms)
-        self.b_mag.data.mul_(W_dec_norms)
+    def clamp_thresholds_(self) -> None:
+        """Project θ⁺, θ⁻ back to ≥ 0 (in place; as SAELens ``jumprelu``, not in the graph)."""
+        for name in _THRESHOLDS:
+            p = getattr(self, name)
+            if p is not None:
+                p.data.clamp_(min=0.0)
 
     @torch.no_grad()
-    def _fold_whitening_biases(self, mean: torch.Tensor) -> None:
-        """Subtract the whitening mean's projection from the gate/magnitude biases.
+    def fold_W_dec_norm(self) -> None:
+        """W_enc[:, i]·n_i, b_gate·n, b_mag·n, θ±·n, W_dec[i]/n_i (SPEC §1): outputs unchanged.
 
-        Only needed when ``apply_b_dec_to_input`` is False (otherwise the base class folds
-        the mean into b_dec); supported for the one-sided model only, see
+        ρ needs nothing: W_enc already carries the scale into μ.
+        """
+        norms = self.fold_and_get_W_dec_norm()
+        self.b_gate.data.mul_(norms)
+        self.b_mag.data.mul_(norms)
+        for name in _THRESHOLDS:
+            p = getattr(self, name)
+            if p is not None:
+                p.data.mul_(norms.to(p.dtype))
+
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
+    ) -> None:
+        """SAELens's whitening fold, plus the mean's shift of the gate/magnitude biases.
+
+        The shift is needed only when ``apply_b_dec_to_input`` is False (otherwise the base
+        class folds the mean into b_dec); supported for the one-sided model only, see
         :func:`_check_whitening_foldable`.
         """
+        _check_whitening_foldable(self.cfg)
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
         if self.cfg.apply_b_dec_to_input:
             return
         shift = mean.to(self.W_enc) @ self.W_enc
         self.b_gate.data.sub_(shift)
         self.b_mag.data.sub_(shift * self.r_mag.exp())
 
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        with keep_thresholds_at_least_float32(self, _THRESHOLDS):  # type: ignore[arg-type]
+            return super()._apply(*args, **kwargs)  # type: ignore[misc]
+
     def _sign_aware_histograms(self) -> dict[str, NDArray[Any]]:
-        theta_pos, theta_neg = self.thresholds()
         out = {
             "weights/b_gate": self.b_gate.detach().float().cpu().numpy(),
             "weights/b_mag": self.b_mag.detach().float().cpu().numpy(),
-            "weights/threshold_pos": theta_pos.detach().float().cpu().numpy(),
+            "weights/threshold_pos": self.threshold_pos.detach().float().cpu().numpy(),
         }
-        if theta_neg is not None:
-            out["weights/threshold_neg"] = theta_neg.detach().float().cpu().numpy()
+        if self.threshold_neg is not None:
+            out["weights/threshold_neg"] = self.threshold_neg.detach().float().cpu().numpy()
         return out
 
 
 class SignAwareGatedSAE(_SignAwareGatedMixin, SAE[SignAwareGatedSAEConfig]):
-    """Inference SA-GSAE: the SPEC §1 encoder with thresholds stored in linear space.
+    """Inference SA-GSAE: the SPEC §1 encoder with linear thresholds.
 
     ``fold_activation_norm_scaling_factor`` needs nothing beyond SAELens's base fold:
     scaling W_enc by the factor leaves μ, π, the biases and the thresholds unchanged.
+    Accepts activations ``[..., d_in]`` with any leading dimensions.
     """
-
-    b_gate: nn.Parameter
-    b_mag: nn.Parameter
-    r_mag: nn.Parameter
-    threshold_pos: nn.Parameter
-    threshold_neg: nn.Parameter | None
 
     def __init__(self, cfg: SignAwareGatedSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -251,14 +356,7 @@ class SignAwareGatedSAE(_SignAwareGatedMixin, SAE[SignAwareGatedSAEConfig]):
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        self._init_sign_aware_params()
-        zeros = torch.zeros(self.cfg.d_sae, dtype=self.threshold_dtype, device=self.device)
-        self.threshold_pos = nn.Parameter(zeros.clone())
-        self.threshold_neg = nn.Parameter(zeros.clone()) if self.cfg.two_sided else None
-
-    @override
-    def thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.threshold_pos, self.threshold_neg
+        self._init_sign_aware_params(0.0)
 
     def _compare_gates(self, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pi_c = pi.to(torch.promote_types(pi.dtype, self.threshold_pos.dtype))
@@ -279,107 +377,140 @@ class SignAwareGatedSAE(_SignAwareGatedMixin, SAE[SignAwareGatedSAEConfig]):
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
     @override
-    @torch.no_grad()
-    def fold_W_dec_norm(self) -> None:
-        """W_enc[:, i]·n_i, b_gate·n, b_mag·n, θ±·n, W_dec[i]/n_i (SPEC §1)."""
-        norms = self.fold_and_get_W_dec_norm()
-        self._fold_gate_and_magnitude(norms)
-        for name in _THRESHOLDS:
-            p = getattr(self, name)
-            if p is not None:
-                p.data.mul_(norms.to(p.dtype))
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        _check_whitening_foldable(self.cfg)
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-        self._fold_whitening_biases(mean)
-
-    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Accept training checkpoints too: convert log thresholds to linear space."""
-        for log_name, name in zip(_LOG_THRESHOLDS, _THRESHOLDS):
-            if log_name in state_dict:
-                state_dict[name] = state_dict.pop(log_name).exp().contiguous()
-
-    @override
-    def _apply(self, *args: Any, **kwargs: Any) -> SignAwareGatedSAE:
-        with keep_thresholds_at_least_float32(self, _THRESHOLDS):
-            return super()._apply(*args, **kwargs)
+        """Accept training checkpoints too: drop the training SAE's data-init flag."""
+        state_dict.pop(_INIT_FLAG, None)
 
 
 class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGatedTrainingSAEConfig]):
-    """Training SA-GSAE (SPEC §1): straight-through gates, log thresholds, SPEC loss.
+    """Training SA-GSAE v2 (SPEC §1): L0-trained two-sided gates with straight-through θ.
 
-    Losses (``TrainStepOutput.losses``): ``mse_loss``, ``l1_loss`` (λ-weighted),
-    ``auxiliary_reconstruction_loss`` (α-weighted; 0 when α = 0). Metrics
-    (``TrainStepOutput.metrics``): ``l0``, ``positive_firing_share``,
-    ``negative_firing_share``, ``mean_threshold_pos``, ``mean_threshold_neg`` (two-sided
-    only) and ``dead_threshold_resets`` (latents whose thresholds the reset touched).
+    Losses (``TrainStepOutput.losses``): ``mse_loss``, ``l0_loss`` (λ₀·S(ℓ₀)),
+    ``auxiliary_reconstruction_loss`` (α-weighted; 0 when α = 0) and, when
+    ``pre_act_loss_coefficient`` is set, ``pre_act_loss``. Metrics
+    (``TrainStepOutput.metrics``): ``dead_threshold_resets`` every step; on the trainer's
+    logging steps ``l0``, ``positive_firing_share``, ``negative_firing_share``,
+    ``mean_threshold_pos`` and ``mean_threshold_neg`` (two-sided only).
 
     The main reconstruction trains the magnitude path, the decoder and (through the step
-    gates' pseudo-derivatives) the thresholds; the gate path W_enc/b_gate learns from the
-    sparsity and auxiliary terms, as in a Gated SAE.
+    gates' pseudo-derivatives) the thresholds; the L0 term raises the thresholds; the gate
+    path W_enc/b_gate learns from the auxiliary term (and from the gates' estimator with
+    ``ste_to_input``). Thresholds are projected back to ≥ 0 before every forward, i.e. after
+    the previous optimiser step (SAELens's trainer has no post-step hook; ``jumprelu`` does
+    the same), and in the saved inference SAE. Accepts ``[..., d_in]`` inputs.
     """
 
-    b_gate: nn.Parameter
-    b_mag: nn.Parameter
-    r_mag: nn.Parameter
-    log_threshold_pos: nn.Parameter
-    log_threshold_neg: nn.Parameter | None
+    data_initialized: torch.Tensor  # bool scalar buffer (saved in training checkpoints)
 
     def __init__(self, cfg: SignAwareGatedTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        # (π, gate code, l1 per token) of the last fused encode, consumed by calculate_aux_loss
+        # (π, gate code g, ℓ₀ per token) of the last fused encode, consumed by calculate_aux_loss
         self._gate_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        self._init_sign_aware_params()
-        log_init = torch.full(
-            (self.cfg.d_sae,),
-            math.log(self.cfg.initial_threshold),
-            dtype=self.threshold_dtype,
-            device=self.device,
-        )
-        self.log_threshold_pos = nn.Parameter(log_init.clone())
-        self.log_threshold_neg = nn.Parameter(log_init.clone()) if self.cfg.two_sided else None
+        auto = self.cfg.initial_threshold == "auto"
+        self._init_sign_aware_params(0.0 if auto else float(self.cfg.initial_threshold))
+        pending = auto or self.cfg.b_dec_init != "zeros"
+        self.register_buffer(_INIT_FLAG, torch.tensor(not pending, device=self.device))
 
-    @override
-    def thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        theta_neg = None if self.log_threshold_neg is None else self.log_threshold_neg.exp()
-        return self.log_threshold_pos.exp(), theta_neg
+    # ------------------------------------------------------------------ data-driven init
 
-    def _ste_gates(self, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        theta_pos, theta_neg = self.thresholds()
-        gate_pos, gate_neg = two_sided_step(pi, theta_pos, theta_neg, self.cfg.bandwidth)
-        return gate_pos, gate_neg if theta_neg is not None else None
+    def _processed(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """The batch as the encoder sees it before b_dec, flattened to ``[tokens, d_in]``."""
+        x = self.run_time_activation_norm_fn_in(sae_in.to(self.dtype))
+        return x.reshape(-1, self.cfg.d_in)
+
+    @torch.no_grad()
+    def _median_abs_pi(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-latent median |π| over the tokens ``x`` ``[tokens, d_in]`` (``"auto"`` thresholds)."""
+        W_enc, b_gate = self.W_enc, self.b_gate
+        if latents is not None:
+            W_enc, b_gate = W_enc[:, latents], b_gate[latents]
+        x_tilde = x - self.b_dec * self.cfg.apply_b_dec_to_input
+        pi = x_tilde @ W_enc + b_gate
+        return pi.abs().to(self.threshold_dtype).median(dim=0).values
+
+    @torch.no_grad()
+    def initialize_from_batch(self, sae_in: torch.Tensor) -> None:
+        """Set b_dec (``b_dec_init``), then ``"auto"`` thresholds, from a training batch.
+
+        Called by :meth:`training_forward_pass` on the first batch, before the optimiser has
+        any state. A single ``b_mag`` is symmetric only about μ = 0, so an uncentred input
+        would make every latent fire.
+        """
+        x = self._processed(sae_in)
+        if x.shape[0] == 0:
+            raise ValueError(f"cannot initialise b_dec from an empty batch (shape {tuple(sae_in.shape)})")
+        if self.cfg.b_dec_init == "mean":
+            self.b_dec.data.copy_(x.to(torch.float64).mean(0))
+        elif self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.data.copy_(geometric_median(x))
+        if self.cfg.initial_threshold == "auto":
+            theta = self._median_abs_pi(x)
+            for name in _THRESHOLDS:
+                p = getattr(self, name)
+                if p is not None:
+                    p.data.copy_(theta)
+        self.data_initialized.fill_(True)
+
+    @torch.no_grad()
+    def reset_dead_thresholds(
+        self, dead_neuron_mask: torch.Tensor | None, sae_in: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Lower θ⁺, θ⁻ of dead latents back to their initial value; return how many changed.
+
+        The initial value is ``initial_threshold``, or for ``"auto"`` the latent's median |π|
+        on ``sae_in`` (required then). Does nothing when ``dead_threshold_reset`` is False or
+        no mask is given. A threshold already at or below that value is left alone (raising
+        it could only make the latent fire less). Runs on every step while a latent stays in
+        the mask, which is idempotent; the optimizer's moments are not touched.
+        """
+        changed = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.threshold_pos.device)
+        if not self.cfg.dead_threshold_reset or dead_neuron_mask is None:
+            return changed.sum()
+        dead = dead_neuron_mask.to(changed.device, torch.bool)
+        if self.cfg.initial_threshold == "auto":
+            if not bool(dead.any()):
+                return changed.sum()
+            if sae_in is None:
+                raise ValueError("reset_dead_thresholds needs sae_in when initial_threshold='auto'")
+            target = torch.full_like(self.threshold_pos, math.inf)
+            target[dead] = self._median_abs_pi(self._processed(sae_in), dead)
+        else:
+            target = torch.full_like(self.threshold_pos, float(self.cfg.initial_threshold))
+        for name in _THRESHOLDS:
+            p = getattr(self, name)
+            if p is None:
+                continue
+            lower = dead & (p.data > target)
+            changed |= lower
+            p.data.copy_(torch.where(lower, target, p.data))
+        return changed.sum()
+
+    # ------------------------------------------------------------------ forward
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Signed latents f and the gate pre-activation π (the "hidden_pre").
 
         One fused autograd node (:class:`~sae_ext.activations.SignAwareGatedCodeFunction`)
-        computes f together with the gate code BiJumpReLU(π) and the per-token sparsity
-        penalty, which :meth:`calculate_aux_loss` reuses for the same π; gradients equal
-        those of the unfused composition (``self._encode(x, self._ste_gates)``).
+        computes f together with the gate code g = BiJumpReLU(π) (sg θ) and the per-token
+        ℓ₀, which :meth:`calculate_aux_loss` reuses for the same π; gradients equal those of
+        the unfused composition of the straight-through primitives.
         """
         check_sae_input(self, x)
+        self.clamp_thresholds_()
         mu = self._project(x)
         pi = self.hook_sae_acts_pre(mu + self.b_gate)
         theta_pos, theta_neg = self.thresholds()
         rho_pos, rho_neg = self.radii()
-        if not self.cfg.two_sided:
-            theta_neg = None
-        acts, gate_acts, l1 = sign_aware_gated_code(
-            mu, pi, self.b_mag, rho_pos, rho_neg, theta_pos, theta_neg, self.W_dec.norm(dim=1),
-            self.cfg.bandwidth,
+        acts, gate_acts, l0 = sign_aware_gated_code(
+            mu, pi, self.b_mag, rho_pos, rho_neg, theta_pos, theta_neg,
+            self.cfg.bandwidth, self.cfg.ste_to_input,
         )
-        self._gate_cache = (pi, gate_acts, l1)
+        self._gate_cache = (pi, gate_acts, l0)
         return self.hook_sae_acts_post(acts), pi
 
     @override
@@ -401,18 +532,51 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
         mu = torch.addmm(-(self.b_dec @ self.W_enc), x_in.reshape(-1, shape[-1]), self.W_enc)
         return mu.reshape(*shape[:-1], mu.shape[-1])
 
-    def gate_activations(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        """BiJumpReLU(π): the gate-path code used by the sparsity and auxiliary terms."""
-        theta_pos, theta_neg = self.thresholds()
-        return bi_jump_relu(hidden_pre, theta_pos, theta_neg, self.cfg.bandwidth)
+    def gate_terms(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, ℓ₀) for π = ``hidden_pre`` from the straight-through primitives (unfused).
 
-    def _gate_code_and_l1(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(BiJumpReLU(π), Σ|·|·‖W_dec,i‖ per token): from the fused encode when it made this π."""
+        g = BiJumpReLU(π) with the thresholds detached; ℓ₀ = Σ_i (γ⁺_i + γ⁻_i) per token.
+        """
+        theta_pos, theta_neg = self.thresholds()
+        gate_pos, gate_neg = two_sided_step(
+            hidden_pre, theta_pos, theta_neg, self.cfg.bandwidth, self.cfg.ste_to_input
+        )
+        l0 = (gate_pos + gate_neg).sum(-1, dtype=torch.promote_types(hidden_pre.dtype, theta_pos.dtype))
+        theta_neg_sg = None if theta_neg is None else theta_neg.detach()
+        return bi_jump_relu(hidden_pre, theta_pos.detach(), theta_neg_sg, self.cfg.bandwidth), l0
+
+    def _cached_gate_terms(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, self._gate_cache = self._gate_cache, None
         if cache is not None and cache[0] is hidden_pre:
             return cache[1], cache[2]
-        gate_acts = self.gate_activations(hidden_pre)
-        return gate_acts, (gate_acts.abs() * self.W_dec.norm(dim=1)).sum(dim=-1)
+        return self.gate_terms(hidden_pre)
+
+    def sparsity_loss(self, l0: torch.Tensor, feature_acts: torch.Tensor) -> torch.Tensor:
+        """S per token: ℓ₀ (``step``), (2/T)(ℓ₀ − T)² (``quadratic``), Σ tanh(c|f|‖W_dec‖) (``tanh``)."""
+        mode = self.cfg.sparsity_loss_mode
+        if mode == "step":
+            return l0
+        if mode == "quadratic":
+            target = float(self.cfg.target_l0)  # type: ignore[arg-type]  # checked by the config
+            return 2.0 / target * (l0 - target) ** 2
+        scaled = self.cfg.tanh_scale * feature_acts.abs() * self.W_dec.norm(dim=1)
+        return torch.tanh(scaled).sum(dim=-1)
+
+    def pre_act_loss(self, hidden_pre: torch.Tensor, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """Σ_i dead_i ReLU(min(θ⁺_i − π_i, π_i + θ⁻_i)) sg(‖W_dec,i‖), mean over tokens (before λ_P).
+
+        SAELens's pre-activation loss made two-sided: it pulls a dead latent's π towards the
+        nearer edge of its dead zone (and that threshold towards π).
+        """
+        if dead_neuron_mask is None or not bool(dead_neuron_mask.any()):
+            return hidden_pre.new_zeros((), dtype=self.threshold_dtype)
+        dead = dead_neuron_mask.to(hidden_pre.device, torch.bool)
+        pi = hidden_pre[..., dead]
+        distance = self.threshold_pos[dead] - pi
+        if self.threshold_neg is not None:
+            distance = torch.minimum(distance, pi + self.threshold_neg[dead])
+        norms = self.W_dec[dead].detach().norm(dim=-1)
+        return (distance.relu() * norms).sum(dim=-1).mean()
 
     @override
     def calculate_aux_loss(
@@ -422,76 +586,55 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        gate_acts, l1_per_token = self._gate_code_and_l1(hidden_pre)
-        l1 = l1_per_token.mean()
-        losses = {"l1_loss": step_input.coefficients["l1"] * l1}
+        gate_acts, l0 = self._cached_gate_terms(hidden_pre)
+        sparsity = self.sparsity_loss(l0, feature_acts).mean()
+        losses = {"l0_loss": step_input.coefficients["l0"] * sparsity}
         if self.cfg.aux_coefficient > 0:
             via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
             aux = (via_gate - step_input.sae_in).pow(2).sum(dim=-1).mean()
             losses["auxiliary_reconstruction_loss"] = self.cfg.aux_coefficient * aux
         else:
-            losses["auxiliary_reconstruction_loss"] = l1.new_zeros(())
+            losses["auxiliary_reconstruction_loss"] = sparsity.new_zeros(())
+        if self.cfg.pre_act_loss_coefficient is not None:
+            pre_act = self.pre_act_loss(hidden_pre, step_input.dead_neuron_mask)
+            losses["pre_act_loss"] = self.cfg.pre_act_loss_coefficient * pre_act
         return losses
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        check_training_input(self, step_input)  # before the threshold reset changes anything
-        n_reset = self.reset_dead_thresholds(step_input.dead_neuron_mask)
+        check_training_input(self, step_input)  # before the data init or reset changes anything
+        if not bool(self.data_initialized):
+            self.initialize_from_batch(step_input.sae_in)
+        self.clamp_thresholds_()
+        n_reset = self.reset_dead_thresholds(step_input.dead_neuron_mask, step_input.sae_in)
         try:
             output = super().training_forward_pass(step_input)
         finally:
             self._gate_cache = None  # never keep a graph alive between steps
-        if step_input.is_logging_step:  # six passes over the codes: only when the trainer logs
+        if step_input.is_logging_step:  # passes over the codes: only when the trainer logs
             output.metrics.update(self._firing_metrics(output.feature_acts))
         output.metrics["dead_threshold_resets"] = n_reset
         return output
 
     @torch.no_grad()
-    def reset_dead_thresholds(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
-        """Lower θ⁺, θ⁻ of dead latents back to ``initial_threshold``; return how many changed.
-
-        Does nothing when ``dead_threshold_reset`` is False or no mask is given. A
-        threshold already at or below ``initial_threshold`` is left alone (raising it
-        could only make the latent fire less). Runs on every step while a latent stays in
-        the mask, which is idempotent; the optimizer's moments are not touched.
-        """
-        changed = torch.zeros(
-            self.cfg.d_sae, dtype=torch.bool, device=self.log_threshold_pos.device
-        )
-        if not self.cfg.dead_threshold_reset or dead_neuron_mask is None:
-            return changed.sum()
-        dead = dead_neuron_mask.to(changed.device, torch.bool)
-        log_init = math.log(self.cfg.initial_threshold)
-        for name in _LOG_THRESHOLDS:
-            p = getattr(self, name)
-            if p is None:
-                continue
-            lower = dead & (p.data > log_init)
-            changed |= lower
-            p.data.copy_(torch.where(lower, torch.full_like(p.data, log_init), p.data))
-        return changed.sum()
-
-    @torch.no_grad()
     def _firing_metrics(self, feature_acts: torch.Tensor) -> dict[str, Any]:
         fired = feature_acts != 0
         n_fired = fired.sum().clamp(min=1)
-        pos_share = (feature_acts > 0).sum() / n_fired
-        theta_pos, theta_neg = self.thresholds()
         metrics: dict[str, Any] = {
             "l0": fired.sum(dim=-1).float().mean(),
-            "positive_firing_share": pos_share,
+            "positive_firing_share": (feature_acts > 0).sum() / n_fired,
             "negative_firing_share": (feature_acts < 0).sum() / n_fired,
-            "mean_threshold_pos": theta_pos.mean(),
+            "mean_threshold_pos": self.threshold_pos.mean(),
         }
-        if theta_neg is not None:
-            metrics["mean_threshold_neg"] = theta_neg.mean()
+        if self.threshold_neg is not None:
+            metrics["mean_threshold_neg"] = self.threshold_neg.mean()
         return metrics
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {
-            "l1": TrainCoefficientConfig(
-                value=self.cfg.l1_coefficient, warm_up_steps=self.cfg.l1_warm_up_steps
+            "l0": TrainCoefficientConfig(
+                value=self.cfg.l0_coefficient, warm_up_steps=self.cfg.l0_warm_up_steps
             )
         }
 
@@ -500,44 +643,20 @@ class SignAwareGatedTrainingSAE(_SignAwareGatedMixin, TrainingSAE[SignAwareGated
         return {**super().log_histograms(), **self._sign_aware_histograms()}
 
     @override
-    @torch.no_grad()
-    def fold_W_dec_norm(self) -> None:
-        """As :meth:`SignAwareGatedSAE.fold_W_dec_norm`, adding log n to the log thresholds."""
-        norms = self.fold_and_get_W_dec_norm()
-        self._fold_gate_and_magnitude(norms)
-        for name in _LOG_THRESHOLDS:
-            p = getattr(self, name)
-            if p is not None:
-                p.data.add_(norms.to(p.dtype).log())
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self, mean: torch.Tensor, whitening_matrix: torch.Tensor, unwhitening_matrix: torch.Tensor
-    ) -> None:
-        _check_whitening_foldable(self.cfg)
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-        self._fold_whitening_biases(mean)
-
-    @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        """Save thresholds in linear space (``threshold_pos``/``threshold_neg``)."""
+        """Drop the data-init flag; save the thresholds projected to ≥ 0."""
         super().process_state_dict_for_saving_inference(state_dict)
-        for log_name, name in zip(_LOG_THRESHOLDS, _THRESHOLDS):
-            if log_name in state_dict:
-                state_dict[name] = state_dict.pop(log_name).exp().contiguous()
+        state_dict.pop(_INIT_FLAG, None)
+        for name in _THRESHOLDS:
+            if name in state_dict:
+                state_dict[name] = state_dict[name].clamp(min=0.0).contiguous()
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Accept inference weights too: convert linear thresholds to logs."""
-        for log_name, name in zip(_LOG_THRESHOLDS, _THRESHOLDS):
-            if name in state_dict:
-                state_dict[log_name] = state_dict.pop(name).log().contiguous()
-
-    @override
-    def _apply(self, *args: Any, **kwargs: Any) -> SignAwareGatedTrainingSAE:
-        with keep_thresholds_at_least_float32(self, _LOG_THRESHOLDS):
-            return super()._apply(*args, **kwargs)
+        """Accept inference weights too (they are trained, so no data init is pending), and
+        restore the flag's dtype (SAELens's disk loader casts every tensor to the SAE dtype)."""
+        flag = state_dict.get(_INIT_FLAG)
+        state_dict[_INIT_FLAG] = torch.tensor(True) if flag is None else flag.to(torch.bool)
 
 
 register_inference(ARCHITECTURE, SignAwareGatedSAE, SignAwareGatedSAEConfig)
