@@ -31,6 +31,7 @@ unhooked ``s``). Spliced into a model it is ``<hook_name>.hook_scaffold``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -618,6 +619,23 @@ class ScaffoldMatryoshkaBatchTopKTrainingSAE(
     """
 
     cfg: ScaffoldMatryoshkaBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """SAELens's Matryoshka slices 2-D codes (``acts[:, a:b]``), so inputs ``[..., d_in]``
+        with more leading dimensions run flattened to ``[tokens, d_in]``; the outputs get the
+        input's leading dimensions back."""
+        x = step_input.sae_in
+        if x.dim() <= 2:
+            return super().training_forward_pass(step_input)
+        check_training_input(self, step_input)  # name the caller's shape in any error
+        out = super().training_forward_pass(dataclasses.replace(step_input, sae_in=x.reshape(-1, x.shape[-1])))
+        lead = x.shape[:-1]
+        out.sae_in = x
+        for name in ("sae_out", "feature_acts", "hidden_pre"):
+            value = getattr(out, name)
+            setattr(out, name, value.reshape(*lead, value.shape[-1]))
+        return out
 
     @override
     def _iterable_decode(
