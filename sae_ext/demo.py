@@ -54,8 +54,8 @@ def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 10.0)
     sasa = {"group_rank": group_rank, "n_active_groups": k // group_rank, "nuclear_coefficient": 3.0}
     return [
         DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": l1_coefficient, **norm}),
-        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w,
-                  {"l1_coefficient": l1_coefficient, **norm}),
+        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w,  # λ₀ from the synthetic sweep
+                  {"l0_coefficient": 1.0, **norm}),
         DemoEntry("batchtopk", "batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("scaffold_batchtopk", "scaffold_batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("topk", "topk", lambda d, w: 2 * w, {"k": k, **norm}),

@@ -56,12 +56,13 @@ def test_demo_rejects_bad_arguments_before_work(tmp_path: Path) -> None:
         main(["demo", "--only", "nope", "--out", str(tmp_path / "o")])
 
 
-def test_demo_l1_coefficient_reaches_both_gated_entries() -> None:
+def test_demo_l1_coefficient_reaches_gated_and_sa_gsae_uses_its_l0_coefficient() -> None:
     from sae_ext.demo import demo_entries
 
     gated = [e.config(64, 32) for e in demo_entries(l1_coefficient=3.0) if "gated" in e.architecture]
     assert [c.architecture() for c in gated] == ["gated", "sign_aware_gated"]
-    assert all(c.l1_coefficient == 3.0 for c in gated)
+    assert gated[0].l1_coefficient == 3.0
+    assert gated[1].l0_coefficient == 1.0 and not hasattr(gated[1], "l1_coefficient")  # SA-GSAE v2: L0
     with pytest.raises(ValueError, match="--l1-coefficient must be >= 0, got -1"):
         demo_entries(l1_coefficient=-1.0)
 
