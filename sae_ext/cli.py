@@ -8,15 +8,35 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+
+def _flag_given(argv: Sequence[str], name: str) -> bool:
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def train_config(argv: Sequence[str]) -> Any:
+    """SAELens's training-CLI config from ``argv`` with SPEC §8 applied: special tokens excluded
+    and the dead-feature window sized to the run, unless the flags set them."""
+    from sae_lens.llm_sae_training_runner import _parse_cfg_args
+
+    import sae_ext  # noqa: F401  (registers the architectures before the parser is built)
+    from sae_ext.protocol import apply_protocol
+
+    cfg = _parse_cfg_args(list(argv))
+    return apply_protocol(
+        cfg,
+        exclude_special_tokens=cfg.exclude_special_tokens if _flag_given(argv, "exclude_special_tokens") else True,
+        dead_window=cfg.dead_feature_window if _flag_given(argv, "dead_feature_window") else None,
+    )
 
 
 def _train(argv: Sequence[str]) -> None:
-    """SAELens's own training CLI; ``--architecture`` choices come from the registry."""
-    from sae_lens.llm_sae_training_runner import _run_cli
+    """SAELens's own training CLI (``--architecture`` choices from the registry) under SPEC §8."""
+    from sae_lens import LanguageModelSAETrainingRunner
 
-    import sae_ext  # noqa: F401  (registers the architectures before the parser is built)
-
-    _run_cli(list(argv))
+    LanguageModelSAETrainingRunner(cfg=train_config(argv)).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(sub.add_parser("eval", help="evaluate a saved SAE: run_evals, dark matter, dictionary stats, error nodes"))
     add_dashboard_arguments(sub.add_parser("dashboard", help="offline HTML latent dashboards of a saved SAE"))
     add_bench_arguments(sub.add_parser("bench", help="synthetic benchmarks of benchmarks/ (--quick: minutes)"))
+    from sae_ext.sweep import add_sweep_arguments
+
+    add_sweep_arguments(sub.add_parser("sweep", help="sparsity sweeps of several architectures on one capture: L0 curves"))
     sub.add_parser("train", help="SAELens training CLI (all SAELens flags) with sae_ext architectures", add_help=False)
     return parser
 
@@ -61,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_ext.evaluate import run_eval_command
 
         return run_eval_command(args)
+    elif args.command == "sweep":
+        from sae_ext.sweep import run_sweep_command
+
+        return run_sweep_command(args)
     elif args.command == "dashboard":
         from sae_ext.dashboard import run_dashboard_command
 

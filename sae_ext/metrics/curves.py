@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["is_monotone", "value_at_l0"]
+__all__ = ["is_monotone", "matched_gap", "pareto_front", "value_at_l0"]
 
 
 def value_at_l0(l0s: Sequence[float], values: Sequence[float], at: float) -> float:
@@ -44,3 +44,27 @@ def is_monotone(knobs: Sequence[float], l0s: Sequence[float], decreasing: bool =
     ordered = [l0 for _, l0 in sorted(zip(knobs, l0s))]
     pairs = list(zip(ordered, ordered[1:]))
     return all(b < a for a, b in pairs) if decreasing else all(b > a for a, b in pairs)
+
+
+def matched_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int = 16) -> dict[str, float] | None:
+    """Mean, min and max of (a − b) over the overlap of the two curves' L0 ranges (log-spaced L0s);
+    ``None`` when the curves have fewer than two points each or do not overlap."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
+    if lo >= hi:
+        return None
+    xs = [min(hi, max(lo, math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (n - 1)))) for i in range(n)]
+    ax, ay, bx, by = [p[0] for p in a], [p[1] for p in a], [p[0] for p in b], [p[1] for p in b]
+    gaps = [value_at_l0(ax, ay, x) - value_at_l0(bx, by, x) for x in xs]
+    return {"l0_low": lo, "l0_high": hi, "mean_gap": sum(gaps) / n, "min_gap": min(gaps), "max_gap": max(gaps)}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats (lower or equal L0 and higher or equal metric)."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front

@@ -1,0 +1,152 @@
+"""`sae-ext sweep` on a tiny model: a 2 × 2 grid end to end, resume, bad grids, curve maths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+import sae_ext.sweep as sweep_mod
+from sae_ext.metrics.curves import matched_gap, pareto_front
+from sae_ext.sweep import (
+    ArchSweep,
+    SweepGrid,
+    grid_from_dict,
+    load_grid,
+    parse_arch_flag,
+    run_sweep,
+    validate_grid,
+)
+from sae_ext.testing import tiny_hooked_transformer
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def _rows(n: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, 97, (n, 16), generator=g)
+    toks[:, 0] = 0  # a BOS-like special token
+    return Dataset.from_dict({"input_ids": toks.tolist()})
+
+
+def _grid(**kw) -> SweepGrid:
+    base = {
+        "name": "tiny", "hook": HOOK, "tokens": 1024, "batch_size": 64, "lr": 3e-3, "context_size": 16,
+        "eval_tokens": 256,
+        "archs": (ArchSweep("topk", 64, "k", (2, 6)), ArchSweep("batchtopk", 64, "k", (2, 6))),
+    }
+    return SweepGrid(**{**base, **kw})
+
+
+def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_hooked_transformer()
+    train, ev = _rows(48, 1), _rows(16, 2)
+    records = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert len(records) == 4
+    assert {(r["line"], r["value"]) for r in records} == {("topk", 2), ("topk", 6), ("batchtopk", 2), ("batchtopk", 6)}
+    for r in records:
+        assert 0 < r["l0"] <= 64 and -1 < r["r2"] <= 1 and isinstance(r["converged"], bool)
+        assert r["half_budget_tokens"] < 1024 and r["ce_loss_recovered"] is not None
+    topk = {r["value"]: r["l0"] for r in records if r["line"] == "topk"}
+    assert topk[2] == pytest.approx(2) and topk[6] == pytest.approx(6)  # the knob reached the SAE
+    stored = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert len(stored["runs"]) == 4 and set(stored["matched_l0_gaps"]) == {"r2", "ce_loss_recovered"}
+    md = (tmp_path / "res" / "tiny.md").read_text()
+    assert "| topk |" in md and "tiny_r2.png" in md
+    assert (tmp_path / "res" / "tiny_r2.png").stat().st_size > 0
+    assert (tmp_path / "res" / "tiny_ce_loss_recovered.png").stat().st_size > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("sae_ext.capture.train_on_cache", no_training)
+    again = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert again == records
+    # a changed setting is a different run: it is trained, not reused
+    with pytest.raises(AssertionError, match="trained again"):
+        run_sweep(_grid(lr=1e-3), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+
+
+@pytest.mark.parametrize(
+    ("grid", "match"),
+    [
+        (_grid(archs=(ArchSweep("nope", 64, "k", (2,)),)), "unknown architecture 'nope'"),
+        (_grid(archs=(ArchSweep("topk", 64, "lambda", (2,)),)), "knob 'lambda' is not a field"),
+        (_grid(archs=()), "empty"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", ()),)), "empty"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", (2,), config={"nope": 1}),)), "config fields"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", (-3,)),)), "finite numbers >= 0"),
+        (_grid(archs=(ArchSweep("sasa", 64, "n_active_groups", (2,), config={"group_rank": 5}),)), "n_active_groups=2"),
+        (_grid(tokens=0), "tokens"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", (2,)), ArchSweep("topk", 32, "k", (2,)))), "share a name"),
+    ],
+)
+def test_bad_grids_fail_before_any_work(grid: SweepGrid, match: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        run_sweep(grid, tiny_hooked_transformer(), _rows(8, 1), _rows(4, 2), tmp_path / "out", tmp_path / "res",
+                  special_tokens=[0])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "res").exists()
+
+
+def test_grid_files(tmp_path: Path) -> None:
+    spec = {"name": "g", "hook": HOOK, "seeds": [0, 1],
+            "archs": [{"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2, 4]},
+                      {"architecture": "gated", "d_sae": 64, "knob": "l1_coefficient", "values": [1.0, 3.0],
+                       "label": "gated@2H", "seeds": [0]}]}
+    (tmp_path / "g.json").write_text(json.dumps(spec))
+    (tmp_path / "g.toml").write_text(
+        f'name = "g"\nhook = "{HOOK}"\nseeds = [0, 1]\n[[archs]]\narchitecture = "topk"\nd_sae = 64\nknob = "k"\n'
+        'values = [2, 4]\n[[archs]]\narchitecture = "gated"\nd_sae = 64\nknob = "l1_coefficient"\n'
+        'values = [1.0, 3.0]\nlabel = "gated@2H"\nseeds = [0]\n'
+    )
+    import yaml
+
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    grids = [load_grid(tmp_path / f) for f in ("g.json", "g.toml", "g.yaml")]
+    assert grids[0] == grids[1] == grids[2]
+    assert len(grids[0].runs()) == 2 * 2 + 2 * 1
+    with pytest.raises(ValueError, match="unknown sweep settings"):
+        grid_from_dict({**spec, "budget": 3})
+    with pytest.raises(ValueError, match="needs 'architecture'"):
+        grid_from_dict({**spec, "archs": [{"architecture": "topk"}]})
+    with pytest.raises(ValueError, match=r"\.json, \.toml"):
+        (tmp_path / "g.txt").write_text("{}")
+        load_grid(tmp_path / "g.txt")
+    with pytest.raises(FileNotFoundError):
+        load_grid(tmp_path / "missing.json")
+
+
+def test_arch_flag() -> None:
+    a = parse_arch_flag("gated:l1_coefficient=1,3.5:d_sae=1152:label=gated@2H")
+    assert a == ArchSweep("gated", 1152, "l1_coefficient", (1, 3.5), label="gated@2H")
+    validate_grid(_grid(archs=(a,)))
+    for bad in ("topk", "topk:k=2", "topk:16:d_sae=4"):
+        with pytest.raises(ValueError, match="--arch"):
+            parse_arch_flag(bad)
+
+
+def test_matched_l0_maths() -> None:
+    a = [(10.0, 0.5), (100.0, 0.7)]
+    b = [(20.0, 0.4), (200.0, 0.9)]
+    g = matched_gap(a, b)
+    assert g is not None and g["l0_low"] == 20 and g["l0_high"] == 100
+    # at L0 20: a = 0.5 + 0.2·log2/log10 ≈ 0.560, b = 0.4 → +0.160; at 100: a 0.7, b 0.4 + 0.5·0.699 ≈ 0.749
+    assert g["max_gap"] == pytest.approx(0.2 * math.log10(2) + 0.1, abs=1e-9)
+    assert g["min_gap"] == pytest.approx(0.7 - (0.4 + 0.5 * math.log10(5)), abs=1e-9)
+    assert matched_gap(a, [(200.0, 1), (300.0, 1)]) is None  # no overlap
+    assert matched_gap(a, [(20.0, 1)]) is None
+    assert pareto_front([(10, 0.5), (20, 0.4), (30, 0.8), (5, 0.1)]) == [(5, 0.1), (10, 0.5), (30, 0.8)]
+
+
+def test_unconverged_runs_are_left_out_of_curves() -> None:
+    recs = [
+        {"line": "x", "value": 1, "l0": 10.0, "r2": 0.5, "converged": True},
+        {"line": "x", "value": 2, "l0": 20.0, "r2": 0.9, "converged": False},
+        {"line": "x", "value": 3, "l0": 40.0, "r2": 0.7, "converged": True},
+        {"line": "x", "value": 3, "l0": 40.0, "r2": 0.8, "converged": True},  # a second seed: averaged
+    ]
+    assert sweep_mod._line(recs, "x", "r2") == [(10.0, 0.5), (40.0, pytest.approx(0.75))]
