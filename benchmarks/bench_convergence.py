@@ -36,8 +36,9 @@ from sae_ext.capture import (
 )
 from sae_ext.convergence import heldout_r2
 from sae_ext.metrics.dense import dense_fraction, firing_counts
+from sae_ext.model_io import special_token_ids
 from sae_ext.perf import retain_freed_memory
-from sae_ext.protocol import CONVERGENCE_TOLERANCE, is_converged, special_token_ids
+from sae_ext.protocol import CONVERGENCE_TOLERANCE, is_converged
 from sae_ext.testing import small_training_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     for hook, arch in tqdm(grid, desc="convergence runs"):
         ev = eval_caches[hook]
         ids = ev.token_ids()
-        special = torch.tensor(special_token_ids(model_and_rows[0]))
+        special = torch.tensor(special_token_ids(model_and_rows[0]), dtype=torch.long)
         x_eval = ev.activations()[~torch.isin(ids, special)]
         res = run_one(hook, arch, args, train_caches[hook], x_eval, model_and_rows)
         results = [r for r in results if (r["args"]["hook"], r["args"]["arch"]) != (hook, arch)] + [res]

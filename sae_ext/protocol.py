@@ -9,8 +9,8 @@
 - A run is converged when held-out R² moved by at most ``CONVERGENCE_TOLERANCE`` between half its
   budget and its full budget.
 
-This module sits below ``capture``, ``demo``, ``cli`` and the benchmarks; it imports nothing of
-``sae_ext`` itself.
+This module sits below ``capture``, ``demo``, ``cli`` and the benchmarks; it imports only
+``sae_ext.model_io`` (where the special ids of a model come from).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import math
 from typing import Any
 
-from sae_lens.util import get_special_token_ids
+from sae_ext.model_io import special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,6 @@ logger = logging.getLogger(__name__)
 DEAD_WINDOW_FRACTION = 0.1
 #: Held-out R² change between half and full budget below which a run counts as converged.
 CONVERGENCE_TOLERANCE = 0.01
-
-
-def special_token_ids(model: Any) -> list[int]:
-    """The special-token ids of ``model``'s tokenizer (sorted); ``[]`` when it has no tokenizer."""
-    tokenizer = getattr(model, "tokenizer", None)
-    return sorted(get_special_token_ids(tokenizer)) if tokenizer is not None else []
 
 
 def resolve_special_tokens(model: Any, exclude: bool | list[int]) -> list[int] | bool:
@@ -45,7 +39,7 @@ def resolve_special_tokens(model: Any, exclude: bool | list[int]) -> list[int] |
     if exclude is False:
         return False
     if exclude is True:
-        ids = special_token_ids(model)
+        ids = list(special_token_ids(model))
         if not ids:
             raise ValueError(
                 "exclude_special_tokens=True needs a model with a tokenizer that has special tokens; "

@@ -16,12 +16,12 @@ from sae_lens.training.activation_scaler import ActivationScaler
 
 from sae_ext.capture import capture_activations, checkpoint_dirs, load_checkpoint, train_on_cache
 from sae_ext.cli import train_config
+from sae_ext.model_io import special_token_ids
 from sae_ext.protocol import (
     apply_protocol,
     dead_feature_window,
     is_converged,
     resolve_special_tokens,
-    special_token_ids,
     total_steps,
 )
 from sae_ext.testing import small_training_config, tiny_hooked_transformer
@@ -167,14 +167,14 @@ def test_no_tokenizer_needs_explicit_ids(bos_cache, bos_model, bos_rows, tmp_pat
     with pytest.raises(ValueError, match="list of ints"):
         _train(bos_cache, bos_model, bos_rows, tmp_path)
     assert not tmp_path.joinpath("sae_ext_protocol.json").exists()
-    assert special_token_ids(bos_model) == []
+    assert special_token_ids(bos_model) == ()
 
 
 def test_special_ids_of_a_tokenizer() -> None:
     from sae_ext.testing import tiny_bridge
 
     bridge = tiny_bridge()
-    assert special_token_ids(bridge) == [0]
+    assert special_token_ids(bridge) == (0,)
     assert resolve_special_tokens(bridge, True) == [0]
     assert resolve_special_tokens(bridge, [5, 3, 5]) == [3, 5]
     assert resolve_special_tokens(bridge, False) is False
