@@ -150,3 +150,9 @@ def test_unconverged_runs_are_left_out_of_curves() -> None:
         {"line": "x", "value": 3, "l0": 40.0, "r2": 0.8, "converged": True},  # a second seed: averaged
     ]
     assert sweep_mod._line(recs, "x", "r2") == [(10.0, 0.5), (40.0, pytest.approx(0.75))]
+
+
+def test_shipped_grids_are_valid() -> None:
+    for path in (Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"):
+        grid = load_grid(path)
+        assert grid.runs() and grid.hook.startswith("blocks.")
