@@ -42,6 +42,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from typing import Any
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from sae_lens import SAE  # noqa: E402
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 from sae_lens.saes.sae import TrainingSAE  # noqa: E402
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
@@ -61,6 +63,10 @@ from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 import sae_ext  # noqa: E402
 from sae_ext.metrics.groups import rank90, rank_at_fraction  # noqa: E402
 from sae_ext.saes.sasa import SASATrainingSAE, SASATrainingSAEConfig  # noqa: E402
+from sae_ext.saes.sasa_batchtopk import (  # noqa: E402
+    SASABatchTopKTrainingSAE,
+    SASABatchTopKTrainingSAEConfig,
+)
 from sae_ext.synthetic.multidim import MultiDimSample, make_multidim_data  # noqa: E402
 from sae_ext.synthetic.recovery import (  # noqa: E402
     energy_in_subspace,
@@ -80,7 +86,7 @@ class RunSpec:
     """One SAE training run inside a seed."""
 
     name: str
-    arch: str  # "topk" or "sasa"
+    arch: str  # "topk", "sasa" or "sasa_batchtopk"
     budget_fraction: float = 1.0
     nuclear_ratio: float = 0.0
 
@@ -172,16 +178,17 @@ def make_sae(
         return TopKTrainingSAE(
             TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=k, normalize_activations=normalize)
         )
-    return SASATrainingSAE(
-        SASATrainingSAEConfig(
-            d_in=d_in,
-            d_sae=args.d_sae,
-            group_rank=args.group_rank,
-            n_active_groups=args.n_active_groups,
-            nuclear_coefficient=lam,
-            normalize_activations=normalize,
-        )
-    )
+    sasa_kwargs: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": args.d_sae,
+        "group_rank": args.group_rank,
+        "n_active_groups": args.n_active_groups,
+        "nuclear_coefficient": lam,
+        "normalize_activations": normalize,
+    }
+    if spec.arch == "sasa_batchtopk":
+        return SASABatchTopKTrainingSAE(SASABatchTopKTrainingSAEConfig(**sasa_kwargs))
+    return SASATrainingSAE(SASATrainingSAEConfig(**sasa_kwargs))
 
 
 def train(
@@ -223,6 +230,17 @@ def basic_metrics(sae: TrainingSAE, x: torch.Tensor) -> dict[str, float]:
         out["group_rank90_histogram"] = torch.bincount(
             r90, minlength=sae.cfg.group_rank + 1
         ).tolist()
+    if isinstance(sae, SASABatchTopKTrainingSAE):
+        # the training SAE selects over the batch it is given; the saved sasa_jumprelu SAE
+        # keeps every group above the learned threshold, token by token
+        with tempfile.TemporaryDirectory() as tmp:
+            sae.save_inference_model(tmp)
+            inference = SAE.load_from_disk(tmp)
+        acts = inference.encode(x)
+        out["r2_inference"] = float(
+            1 - (inference.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        )
+        out["l0_columns_inference"] = float((acts != 0).sum(-1).double().mean())
     return out
 
 
@@ -282,6 +300,7 @@ def synthetic_runs(args: argparse.Namespace) -> list[RunSpec]:
             args.nuclear_ratio,
         ),
         RunSpec(f"topk ({args.budget_fraction:g} tokens)", "topk", args.budget_fraction),
+        RunSpec("sasa_batchtopk", "sasa_batchtopk", nuclear_ratio=args.nuclear_ratio),
     ]
 
 
@@ -313,7 +332,13 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
             # SASA keeps exactly s groups per token, so a token with more than s active
             # features must lose some; R² on the other tokens isolates that cap.
             few = (test.magnitudes > 0).sum(-1) <= args.n_active_groups
-            metrics["r2_at_most_s_features"] = basic_metrics(sae, test.activations[few])["r2"]
+            # from the full test batch's encoding (sasa_batchtopk selects over the batch)
+            with torch.no_grad():
+                recon = sae.decode(sae.encode(test.activations))[few]
+            x_few = test.activations[few]
+            metrics["r2_at_most_s_features"] = float(
+                1 - (recon - x_few).pow(2).sum() / (x_few - x_few.mean(0)).pow(2).sum()
+            )
             metrics["fraction_tokens_over_s_features"] = float((~few).double().mean())
             metrics.update(seconds=seconds, steps=steps, nuclear_coefficient=lam)
             metrics["features"] = feature_metrics(sae, test)
@@ -350,6 +375,8 @@ def summarise_synthetic(result: dict[str, Any], args: argparse.Namespace) -> dic
             "l0_columns",
             "mean_group_stable_rank",
             "dead_group_fraction",
+            "r2_inference",
+            "l0_columns_inference",
             "seconds",
         ):
             if key in runs[0]:
@@ -408,6 +435,14 @@ def markdown_synthetic(
             f"{_fmt(e.get('mean_group_stable_rank', (math.nan, 0)))} | {_fmt(e.get('dead_group_fraction', (math.nan, 0)))} |"
         )
     over = summary[next(iter(summary))]["fraction_tokens_over_s_features"][0]
+    for name, e in summary.items():
+        if "r2_inference" in e:
+            lines += [
+                "",
+                f"{name}: the training SAE selects the s·B best groups over the held-out batch "
+                f"(mean L0 = s·r exactly); the saved `sasa_jumprelu` SAE (per-token, learned threshold) "
+                f"reaches R² {_fmt(e['r2_inference'], 4)} at L0 {_fmt(e['l0_columns_inference'], 2)} columns.",
+            ]
     lines += [
         "",
         f"{100 * over:.1f} % of held-out tokens have more than s = {args.n_active_groups} active features.",

@@ -124,6 +124,9 @@ def test_bf16_sparsity_is_exact_on_every_step(arch: str, runs: Runs) -> None:
             groups = sae.group_acts(out.feature_acts) != 0
             assert (groups.any(-1).sum(-1) == sae.cfg.n_active_groups).all(), i
             assert (l0 <= sae.cfg.n_active_groups * sae.cfg.group_rank).all(), i
+        elif arch == "sasa_batchtopk":  # s groups a token on average over the batch
+            groups = sae.group_acts(out.feature_acts) != 0
+            assert groups.any(-1).sum().item() == sae.cfg.n_active_groups * l0.numel(), i
         else:
             assert 0 < l0.double().mean().item() < D_SAE, i  # neither dead nor saturated
 

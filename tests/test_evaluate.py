@@ -114,7 +114,7 @@ def test_evaluate_sae_scaffold_section(model, tmp_path):
     assert row["bipolar_fraction"] is None and row["group_rank90_counts"] is None
 
 
-@pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sign_aware_gated"])
+@pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sasa_jumprelu", "sign_aware_gated"])
 def test_evaluate_registered_plugin_sae(model, arch):
     """The plugin architectures, at their default configs and random weights."""
     try:
@@ -133,7 +133,7 @@ def test_evaluate_registered_plugin_sae(model, arch):
         assert res.scaffold is not None and res.scaffold.pca_rank == sae.cfg.scaffold_rank
     else:
         assert res.scaffold is None
-    if arch == "sasa":
+    if arch in ("sasa", "sasa_jumprelu"):
         assert res.dictionary.group_rank == sae.cfg.group_rank
         # the ranks of the blocks decode() uses (unit rows), not a re-derived decoder
         blocks = sae.group_decoder_blocks().detach()

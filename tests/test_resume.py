@@ -52,11 +52,13 @@ N_STEPS = 8
 ARCH_KWARGS: dict[str, dict[str, Any]] = {
     "sign_aware_gated": {"l0_warm_up_steps": 6},
     "sasa": {"nuclear_warm_up_steps": 6, "n_active_groups": 2},
+    "sasa_batchtopk": {"nuclear_warm_up_steps": 6, "n_active_groups": 2},
 }
 #: state that must survive the checkpoint, beyond the encoder/decoder weights
 ARCH_STATE = {
     "sign_aware_gated": {"threshold_pos", "threshold_neg", "data_initialized", "b_gate", "b_mag", "r_mag"},
     "sasa": {"W_dec", "W_enc", "b_enc"},
+    "sasa_batchtopk": {"W_dec", "W_enc", "b_enc", "topk_threshold"},
     "scaffold_batchtopk": {
         "scaffold_U", "scaffold_V", "scaffold_initialized", "topk_threshold",
         "dense_window_counts", "dense_window_tokens",

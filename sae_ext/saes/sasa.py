@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange
 from numpy.typing import NDArray
 from sae_lens.saes.sae import (
     SAE,
@@ -110,18 +111,43 @@ def validate_group_shape(d_sae: int, group_rank: int, n_active_groups: int) -> i
     return n_groups
 
 
+def split_groups(x: torch.Tensor, group_rank: int) -> torch.Tensor:
+    """View ``[..., K·r]`` columns as ``[..., K, r]`` groups of ``r`` consecutive columns."""
+    return rearrange(x, "... (k r) -> ... k r", r=group_rank)
+
+
+def merge_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_groups`: ``[..., K, r] -> [..., K·r]``."""
+    return rearrange(groups, "... k r -> ... (k r)")
+
+
+def group_norms(codes: torch.Tensor, group_rank: int) -> torch.Tensor:
+    """Group scores ``‖p_k‖₂`` of ``[..., K·r]`` codes: ``[..., K]``."""
+    return split_groups(codes, group_rank).norm(dim=-1)
+
+
+def keep_groups(codes: torch.Tensor, keep: torch.Tensor, group_rank: int) -> torch.Tensor:
+    """Zero the groups where the boolean ``keep`` ``[..., K]`` is False; kept codes keep their
+    gradient, the mask carries none."""
+    groups = split_groups(codes, group_rank)
+    return merge_groups(groups * keep.unsqueeze(-1).to(groups.dtype))
+
+
+def top_groups_mask(scores: torch.Tensor, n_active_groups: int) -> torch.Tensor:
+    """Boolean ``[..., K]`` mask of the ``n_active_groups`` highest scores of every token."""
+    with torch.no_grad():
+        idx = scores.detach().topk(n_active_groups, dim=-1, sorted=False).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
 def select_top_groups(codes: torch.Tensor, group_rank: int, n_active_groups: int) -> torch.Tensor:
     """Keep, per token, the ``n_active_groups`` groups with the largest L2 norm; zero the rest.
 
     ``codes`` is ``[..., K·r]``; the result has the same shape. The selection itself carries
     no gradient; the kept codes pass theirs through unchanged.
     """
-    groups = codes.unflatten(-1, (-1, group_rank))
-    with torch.no_grad():
-        scores = groups.detach().pow(2).sum(-1)
-        idx = scores.topk(n_active_groups, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(scores).scatter_(-1, idx, 1.0)
-    return (groups * keep.unsqueeze(-1)).flatten(-2)
+    scores = group_norms(codes.detach(), group_rank)
+    return keep_groups(codes, top_groups_mask(scores, n_active_groups), group_rank)
 
 
 def group_nuclear_norms(blocks: torch.Tensor) -> torch.Tensor:
@@ -183,8 +209,17 @@ class _SASAGroupMixin:
             hidden_pre = hidden_pre * self._code_scale()
         return hidden_pre
 
+    def _group_keep(self, codes: torch.Tensor) -> torch.Tensor:
+        """Which groups of ``[..., K·r]`` codes are kept: a boolean ``[..., K]`` mask (no gradient).
+
+        SASA keeps the ``s`` best groups of every token; subclasses change only this rule.
+        """
+        return top_groups_mask(
+            group_norms(codes.detach(), self.cfg.group_rank), self.cfg.n_active_groups
+        )
+
     def _select(self, codes: torch.Tensor) -> torch.Tensor:
-        return select_top_groups(codes, self.cfg.group_rank, self.cfg.n_active_groups)
+        return keep_groups(codes, self._group_keep(codes), self.cfg.group_rank)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``f Ŵ_dec + b_dec`` (then the usual SAELens hooks and de-normalisation)."""
@@ -199,12 +234,17 @@ class _SASAGroupMixin:
     def group_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Signed codes of every group before selection: ``[..., d_in] -> [..., K, r]``."""
         codes = self._codes_from_sae_in(self.process_sae_in(x))
-        return codes.unflatten(-1, (self.n_groups, self.cfg.group_rank))
+        return split_groups(codes, self.cfg.group_rank)
 
     @torch.no_grad()
     def group_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Group scores ``‖p_k‖₂`` used for the Top-s selection: ``[..., d_in] -> [..., K]``."""
         return self.group_codes(x).norm(dim=-1)
+
+    @torch.no_grad()
+    def active_group_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Which groups ``encode`` keeps for each token: boolean ``[..., d_in] -> [..., K]``."""
+        return self._group_keep(self._codes_from_sae_in(self.process_sae_in(x)))
 
     @torch.no_grad()
     def active_groups(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +253,7 @@ class _SASAGroupMixin:
 
     def group_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """View ``[..., d_sae]`` feature activations as ``[..., K, r]`` group codes."""
-        return feature_acts.unflatten(-1, (self.n_groups, self.cfg.group_rank))
+        return split_groups(feature_acts, self.cfg.group_rank)
 
     @torch.no_grad()
     def evaluation_spec(self) -> EvaluationSpec:
@@ -224,7 +264,7 @@ class _SASAGroupMixin:
 
     def group_decoder_blocks(self) -> torch.Tensor:
         """All decoder blocks as used by ``decode``: ``(K, r, d_in)`` (unit rows by default)."""
-        return self.decoder_directions().view(self.n_groups, self.cfg.group_rank, -1)
+        return rearrange(self.decoder_directions(), "(k r) d -> k r d", r=self.cfg.group_rank)
 
     def group_decoder_block(self, group: int) -> torch.Tensor:
         """Decoder block ``D_k`` of one group: ``(r, d_in)``."""
@@ -458,12 +498,7 @@ class SASATrainingSAE(_SASAGroupMixin, TrainingSAE[SASATrainingSAEConfig]):
             "mean_group_stable_rank": lambda: self.group_stable_rank().mean(),
             "mean_group_rank90": lambda: self.group_rank90().double().mean(),
             "active_groups_per_token": lambda: (
-                (output.feature_acts.detach() != 0)
-                .unflatten(-1, (-1, r))
-                .any(-1)
-                .sum(-1)
-                .double()
-                .mean()
+                split_groups(output.feature_acts.detach() != 0, r).any(-1).sum(-1).double().mean()
             ),
         }
         if dead_neuron_mask is not None:
@@ -513,12 +548,10 @@ class SASATrainingSAE(_SASAGroupMixin, TrainingSAE[SASATrainingSAEConfig]):
         k_aux = min(k_aux, num_dead)
 
         residual = (sae_in - sae_out).detach()
-        groups = hidden_pre.unflatten(-1, (self.n_groups, self.cfg.group_rank))
-        with torch.no_grad():
-            scores = groups.detach().pow(2).sum(-1).masked_fill(~dead_groups, -torch.inf)
-            idx = scores.topk(k_aux, dim=-1, sorted=False).indices
-            keep = torch.zeros_like(scores).scatter_(-1, idx, 1.0)
-        aux_acts = (groups * keep.unsqueeze(-1)).flatten(-2)
+        scores = group_norms(hidden_pre.detach(), self.cfg.group_rank).masked_fill(
+            ~dead_groups, -torch.inf
+        )
+        aux_acts = keep_groups(hidden_pre, top_groups_mask(scores, k_aux), self.cfg.group_rank)
         recons = self.reshape_fn_out(aux_acts @ self.decoder_directions(), self.d_head)
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_k_coefficient * scale * loss
