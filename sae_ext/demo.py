@@ -63,8 +63,10 @@ def demo_entries(k: int = 32, group_rank: int = 4, l1_coefficient: float = 10.0)
     sasa = {"group_rank": group_rank, "n_active_groups": k // group_rank, "nuclear_coefficient": 3.0}
     return [
         DemoEntry("gated@2H", "gated", lambda d, w: 2 * w, {"l1_coefficient": l1_coefficient, **norm}),
-        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w,  # λ₀ from the synthetic sweep
-                  {"l0_coefficient": 1.0, **norm}),
+        # λ₀ from the synthetic sweep; thresholds start at 2 (not 0.01) because Adam moves a linear
+        # threshold by ~lr per step, and a demo-length run could not raise them far enough otherwise
+        DemoEntry("sign_aware_gated@H", "sign_aware_gated", lambda d, w: w,
+                  {"l0_coefficient": 1.0, "initial_threshold": 2.0, "decoder_init_norm": 1.0, **norm}),
         DemoEntry("batchtopk", "batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("scaffold_batchtopk", "scaffold_batchtopk", lambda d, w: 2 * w, {"k": k, **norm}),
         DemoEntry("topk", "topk", lambda d, w: 2 * w, {"k": k, **norm}),
@@ -193,9 +195,10 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=150_000, help="training tokens per SAE (default 150k)")
-    p.add_argument("--capture-tokens", type=int, default=60_000,
-                   help="activations captured once and reused by every SAE (default 60k)")
+    p.add_argument("--tokens", type=int, default=250_000,
+                   help="training tokens per SAE (default 250k: demo-scale, SPEC §8 converges at ~3M)")
+    p.add_argument("--capture-tokens", type=int, default=64_000,
+                   help="activations captured once and reused by every SAE (default 64k)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the evaluation")
     p.add_argument("--full-eval", action="store_true",
                    help="also the dark-matter CE splices, error-node and scaffold ablations (more model passes)")
@@ -204,8 +207,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=32, help="active latents per token for the TopK family")
     p.add_argument("--group-rank", type=int, default=4, help="SASA group rank r (s = k / r groups active)")
     p.add_argument("--l1-coefficient", type=float, default=10.0,
-                   help="λ of the two gated SAEs (gated@2H and sign_aware_gated@H); at the default budget "
-                        "λ = 10 puts gated@2H near the TopK family's L0 (λ = 1 leaves it dense)")
+                   help="λ of gated@2H (L1); at the demo budget λ = 10 puts it near the TopK family's L0 "
+                        "(λ = 1 leaves it dense). SA-GSAE@H trains with an L0 penalty (λ₀ = 1)")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size in tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context-size", type=int, default=128)
