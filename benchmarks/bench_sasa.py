@@ -53,12 +53,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
-from sae_lens.config import SAETrainerConfig  # noqa: E402
 from sae_lens.saes.sae import TrainingSAE  # noqa: E402
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 from sae_lens.training import activation_scaler as _activation_scaler_module  # noqa: E402
 from sae_lens.training import sae_trainer as _sae_trainer_module  # noqa: E402
-from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
 import sae_ext  # noqa: E402
 from sae_ext.metrics.groups import rank90, rank_at_fraction  # noqa: E402
@@ -73,6 +71,7 @@ from sae_ext.synthetic.recovery import (  # noqa: E402
     splitting_count,
     units_for_energy,
 )
+from sae_ext.testing import fit_on_stream  # noqa: E402
 
 # SAELens's progress bars would flood the benchmark log.
 for _module in (_sae_trainer_module, _activation_scaler_module):
@@ -195,18 +194,12 @@ def train(
     sae: TrainingSAE, stream: Iterator[torch.Tensor], steps: int, args: argparse.Namespace
 ) -> float:
     """Train with SAELens's ``SAETrainer`` (cosine decay to lr/10); return wall seconds."""
-    cfg = SAETrainerConfig(
-        total_training_samples=steps * args.batch_size,
-        train_batch_size_samples=args.batch_size,
-        lr=args.lr,
-        lr_end=args.lr / 10,
-        lr_scheduler_name="cosineannealing",
-        dead_feature_window=max(50, steps // 10),
-        feature_sampling_window=max(100, steps // 4),
+    t0 = time.perf_counter()
+    fit_on_stream(
+        sae, stream, steps, args.batch_size, lr=args.lr, lr_end=args.lr / 10, lr_scheduler_name="cosineannealing",
+        dead_feature_window=max(50, steps // 10), feature_sampling_window=max(100, steps // 4),
         n_batches_for_norm_estimate=20,
     )
-    t0 = time.perf_counter()
-    SAETrainer(cfg=cfg, sae=sae, data_provider=stream).fit()
     return time.perf_counter() - t0
 
 

@@ -43,14 +43,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
-from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
+from sae_lens.config import LoggingConfig  # noqa: E402
 from sae_lens.registry import get_sae_training_class  # noqa: E402
-from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
 from sae_ext.metrics.dense import dense_count, dense_mask, firing_counts  # noqa: E402
 from sae_ext.metrics.pca import pca_directions, principal_angles_degrees  # noqa: E402
 from sae_ext.saes.scaffold import default_matryoshka_widths  # noqa: E402
 from sae_ext.synthetic.lowrank import SparsePlusLowRank  # noqa: E402
+from sae_ext.testing import fit_on_stream  # noqa: E402
 
 PAIRS = [("batchtopk", "scaffold_batchtopk"), ("matryoshka_batchtopk", "scaffold_matryoshka_batchtopk")]
 RANDOM_INIT = "scaffold_batchtopk[random-init]"
@@ -179,19 +179,12 @@ def make_sae(arch: str, args: argparse.Namespace, d_in: int, normalize: str, k: 
 
 
 def train(sae, data, args: argparse.Namespace, seed: int):
-    cfg = SAETrainerConfig(
-        total_training_samples=args.steps * args.batch_size,
-        train_batch_size_samples=args.batch_size,
-        lr=args.lr,
-        lr_end=args.lr,
-        lr_warm_up_steps=min(100, args.steps // 10),
-        device=args.device,
-        dead_feature_window=max(100, args.steps // 10),
-        feature_sampling_window=max(200, args.steps // 5),
-        n_batches_for_norm_estimate=20,
-        logger=LoggingConfig(log_to_wandb=False),
+    return fit_on_stream(
+        sae, data.batches(args.batch_size, seed), args.steps, args.batch_size, lr=args.lr,
+        lr_warm_up_steps=min(100, args.steps // 10), device=args.device,
+        dead_feature_window=max(100, args.steps // 10), feature_sampling_window=max(200, args.steps // 5),
+        n_batches_for_norm_estimate=20, logger=LoggingConfig(log_to_wandb=False),
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=data.batches(args.batch_size, seed)).fit()
 
 
 def r2(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -36,11 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.synthetic import mean_correlation_coefficient
-from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_ext.bench import format_mean_sd, mean_sd
 from sae_ext.metrics.curves import is_monotone, value_at_l0
@@ -51,6 +49,7 @@ from sae_ext.saes.sign_aware_gated import (
 )
 from sae_ext.synthetic.bipolar import BipolarFeatureModel, latents_per_feature
 from sae_ext.synthetic.recovery import max_cosine_match
+from sae_ext.testing import fit_on_stream
 
 PAPER_CLAIMS = {
     "pareto": "half-width SA-GSAE (H) Pareto-dominates gated (2H) on 3/6 cells, matches R² "
@@ -165,18 +164,12 @@ def evaluate(sae: TrainingSAE, data: Data) -> dict[str, float]:
 def train_one(kind: str, coefficient: float, seed: int, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     sae = make_sae(kind, args.width, data.d_in, coefficient, args)
-    cfg = SAETrainerConfig(
-        total_training_samples=args.steps * args.batch,
-        train_batch_size_samples=args.batch,
-        lr=args.lr,
-        lr_end=args.lr,
-        lr_warm_up_steps=args.steps // 20,
-        dead_feature_window=args.dead_window,
-        feature_sampling_window=args.dead_window * 5,
-        n_batches_for_norm_estimate=20,
-    )
     start = time.perf_counter()
-    SAETrainer(cfg=cfg, sae=sae, data_provider=data.stream(args.batch, seed)).fit()
+    fit_on_stream(
+        sae, data.stream(args.batch, seed), args.steps, args.batch, lr=args.lr,
+        lr_warm_up_steps=args.steps // 20, dead_feature_window=args.dead_window,
+        feature_sampling_window=args.dead_window * 5, n_batches_for_norm_estimate=20,
+    )
     seconds = time.perf_counter() - start
     row = {"model": kind, "width": sae.cfg.d_sae, "coefficient": coefficient, "seed": seed, "train_s": seconds}
     row.update(evaluate(sae, data))

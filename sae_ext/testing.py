@@ -88,8 +88,10 @@ def fit_on_stream(
 ) -> TrainingSAE:
     """Train ``sae`` for ``steps`` steps with SAELens's own ``SAETrainer`` on in-memory batches.
 
-    Constant learning rate; ``trainer_overrides`` go to ``SAETrainerConfig`` (e.g. the dead-feature
-    and feature-sampling windows), so short test runs still reach the trainer's periodic paths.
+    Constant learning rate unless ``trainer_overrides`` say otherwise (``lr_end``,
+    ``lr_scheduler_name``, ``lr_warm_up_steps``); the overrides go to ``SAETrainerConfig`` (e.g. the
+    dead-feature and feature-sampling windows), so short test runs still reach the trainer's
+    periodic paths.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,8 +102,7 @@ def fit_on_stream(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
         lr=lr,
-        lr_end=lr,
-        **trainer_overrides,
+        **{"lr_end": lr, **trainer_overrides},
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=batches).fit()
 
