@@ -70,7 +70,29 @@ class _Switch:
     training: bool | None = None  # training; None: automatic (CPU batches only)
 
 
-class check_finite_inputs:
+class _SwitchSetting:
+    """Sets one flag of :class:`_Switch` on construction; as a context manager restores it on exit
+    (a class used like a function, as ``torch.set_grad_enabled``)."""
+
+    _flag: str
+
+    def __init__(self, value: bool | None) -> None:
+        self.previous = getattr(_Switch, self._flag)
+        setattr(_Switch, self._flag, value)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        setattr(_Switch, self._flag, self.previous)
+
+
+class check_finite_inputs(_SwitchSetting):
     """Turn the inference NaN/Inf check of plugin SAE inputs on (default) or off.
 
     A class used like a function (as ``torch.set_grad_enabled``): the setting takes effect
@@ -78,22 +100,12 @@ class check_finite_inputs:
     it restores the previous setting on exit.
     """
 
+    _flag = "enabled"
+
     def __init__(self, enabled: bool = True) -> None:
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool; got {enabled!r}")
-        self.previous = _Switch.enabled
-        _Switch.enabled = enabled
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _Switch.enabled = self.previous
+        super().__init__(enabled)
 
 
 def finite_input_checks_enabled() -> bool:
@@ -101,7 +113,7 @@ def finite_input_checks_enabled() -> bool:
     return _Switch.enabled
 
 
-class check_finite_training_inputs:
+class check_finite_training_inputs(_SwitchSetting):
     """Set the training NaN/Inf check: True (every step, any device), False (never) or None
     (automatic, the default: batches on the CPU only; see the module docstring for why).
 
@@ -109,22 +121,12 @@ class check_finite_training_inputs:
     manager it restores the previous setting on exit.
     """
 
+    _flag = "training"
+
     def __init__(self, enabled: bool | None = True) -> None:
         if enabled is not None and not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True, False or None (automatic); got {enabled!r}")
-        self.previous = _Switch.training
-        _Switch.training = enabled
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _Switch.training = self.previous
+        super().__init__(enabled)
 
 
 def finite_training_checks_enabled(device: torch.device | str) -> bool:
