@@ -34,7 +34,8 @@ print("ok", len(registry.PLUGIN_TRAINING_ARCHITECTURES))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok 4")
+    assert out.stdout.split() == ["ok", str(len(registry.PLUGIN_TRAINING_ARCHITECTURES))]
+    assert len(registry.PLUGIN_TRAINING_ARCHITECTURES) == 5  # sign_aware_gated, 2 scaffold, 2 SASA
 
 
 def test_name_owned_by_someone_else_is_refused() -> None:
