@@ -140,6 +140,10 @@ def test_matched_l0_maths() -> None:
     assert matched_gap(a, [(200.0, 1), (300.0, 1)]) is None  # no overlap
     assert matched_gap(a, [(20.0, 1)]) is None
     assert pareto_front([(10, 0.5), (20, 0.4), (30, 0.8), (5, 0.1)]) == [(5, 0.1), (10, 0.5), (30, 0.8)]
+    with pytest.raises(ValueError, match="finite"):
+        pareto_front([(10, float("nan"))])
+    with pytest.raises(ValueError, match="n must be"):
+        matched_gap(a, b, n=1)
 
 
 def test_unconverged_runs_are_left_out_of_curves() -> None:

@@ -49,6 +49,8 @@ def is_monotone(knobs: Sequence[float], l0s: Sequence[float], decreasing: bool =
 def matched_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int = 16) -> dict[str, float] | None:
     """Mean, min and max of (a − b) over the overlap of the two curves' L0 ranges (log-spaced L0s);
     ``None`` when the curves have fewer than two points each or do not overlap."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int >= 2 (points compared over the overlap), got {n!r}")
     if len(a) < 2 or len(b) < 2:
         return None
     lo, hi = max(a[0][0], b[0][0]), min(a[-1][0], b[-1][0])
@@ -62,6 +64,8 @@ def matched_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], n: i
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats (lower or equal L0 and higher or equal metric)."""
+    if not all(math.isfinite(x) and math.isfinite(y) for x, y in points):
+        raise ValueError(f"points must be finite (L0, metric) pairs, got {points!r}")
     front, best = [], -math.inf
     for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
         if y > best:
