@@ -89,8 +89,9 @@ def evaluate_sae(
     matter (error/norm R², FVU, nonlinear FVU) and its CE splices, dictionary statistics, zero
     and mean error-node ablation, and what the SAE's
     :class:`~sae_ext.evaluation_spec.EvaluationSpec` adds: zeroing its ``ablation_hook`` (the
-    scaffold) vs removing the top-r PCA directions (``r = ablation_pca_rank`` or ``pca_rank``),
-    group statistics. Activations are streamed (one pass, ``O(d_in²)`` memory). The dark-matter
+    scaffold) vs removing the top-r PCA directions (``r = ablation_pca_rank`` or ``pca_rank``;
+    of the centred non-special activations, with their mean kept: ``x − ((x − μ) Q) Qᵀ``, SPEC
+    §2), group statistics. Activations are streamed (one pass, ``O(d_in²)`` memory). The dark-matter
     CE splices use ``W*`` on all ``n_tokens`` tokens (about half of them were its train split);
     the R²/FVU scores are test-split only. Positions holding a special token (``special_tokens``:
     by default the model tokenizer's; see :func:`sae_ext.model_io.special_token_ids`) are never
@@ -165,7 +166,7 @@ def evaluate_sae(
             ivs.append(hook_ablation(spec.ablation_hook))
         if pca_acc is not None and r_pca is not None:
             pca = pca_acc.result(r_pca)
-            ivs.append(subspace_removal(subspace_basis(pca.basis, None, splicer.width)[0]))
+            ivs.append(subspace_removal(*subspace_basis(pca.basis, pca.mean, splicer.width)))
     meters = splicer.measure(ivs, desc="evaluate splices")
     bar.update()
     bar.close()

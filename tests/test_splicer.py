@@ -166,6 +166,7 @@ def test_evaluate_sae_matches_plain_run_with_hooks_references(model, tokens, sae
     mean_err = (flat - _sae_out(sae, flat)).double().mean(0).float()
     cov = torch.cov(flat.double().T, correction=0)
     q = torch.linalg.eigh(cov)[1][:, -3:].float()  # top-3 PCA directions, any order and sign
+    mu = flat.double().mean(0).float()  # PCA removal is centred and keeps the mean (SPEC §2)
     refs = {
         "clean": clean,
         "sae": plain,
@@ -175,7 +176,7 @@ def test_evaluate_sae_matches_plain_run_with_hooks_references(model, tokens, sae
         "error_term": _replaced(model, tokens, lambda a: a),
         "error_mean": _replaced(model, tokens, lambda a: _sae_out(sae, a) + mean_err),
         "scaffold": _replaced(model, tokens, lambda a: a - sae.scaffold(a)),
-        "pca": _replaced(model, tokens, lambda a: a - (a @ q) @ q.T),
+        "pca": _replaced(model, tokens, lambda a: a - ((a - mu) @ q) @ q.T),
     }
     ce = {k: _ce(v, tokens) for k, v in refs.items()}
     ev, dmc = res.run_evals, res.dark_matter_ce
