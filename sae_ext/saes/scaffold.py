@@ -6,9 +6,26 @@ activations that otherwise shows up as dense latents::
 
     x̃ = x − b_dec                                   (when apply_b_dec_to_input)
     s  = (x̃ V) U            V ∈ R^{d_in×r}, U ∈ R^{r×d_in}      (hook_scaffold)
-    f  = BatchTopK_k(x̃ W_enc + b_enc)       "full" encoder input (default)
-       = BatchTopK_k((x̃ − s) W_enc + b_enc) "residual" encoder input
+    f  = BatchTopK_k((x̃ − s) W_enc + b_enc) "residual" encoder input (default from v2)
+       = BatchTopK_k(x̃ W_enc + b_enc)       "full" encoder input (parallel; an ablation)
     x̂  = f W_dec + s + b_dec
+
+v2 (SPEC §2): the encoder sees x̃ − s by default; the PCA init (first training batch, which the
+SPEC §8 protocol has already cleared of special tokens) sets U = Vᵀ = its top-r principal
+directions *and* ``b_dec`` to its mean, so at init ``s + b_dec`` is exactly the rank-r PCA
+reconstruction ``μ + (x − μ) V Vᵀ`` of the batch. Two training options, both off by default:
+
+- ``scaffold_tied``: U = Vᵀ, with V re-orthonormalised (QR) after every optimiser step. The
+  forward uses ``U`` with its gradient routed to V (U itself gets none), and a global
+  ``torch.optim`` step post-hook — public torch API, filtered to optimisers that hold this SAE's
+  V — re-orthonormalises V and copies U ← Vᵀ right after each step, the last one included, so
+  the saved (untied) inference SAE is the tied map. A retraction at the start of
+  ``training_forward_pass`` covers optimisers that bypass ``torch.optim`` hooks.
+- ``scaffold_lr_scale`` c: the scaffold's learning rate relative to the SAE's. SAELens builds
+  one Adam over ``sae.parameters()`` and Adam is invariant to a constant gradient scale, so a
+  gradient hook would change nothing. Instead the parameters hold V / c and U / c and the
+  forward multiplies by c: an Adam step moves the stored value by ~lr, the effective V, U by
+  ~c·lr. Training checkpoints store the scaled values; the inference SAE stores V and U.
 
 Architectures: ``scaffold_batchtopk`` and ``scaffold_matryoshka_batchtopk`` (training), both
 saved as ``scaffold_jumprelu`` (JumpReLU with the learned BatchTopK threshold, plus U, V),
@@ -32,7 +49,9 @@ unhooked ``s``). Spliced into a model it is ``<hook_name>.hook_scaffold``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,13 +66,14 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import act_times_W_dec
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_ext.activations import keep_thresholds_at_least_float32
 from sae_ext.evaluation_spec import EvaluationSpec
 from sae_ext.metrics.dense import DENSE_THRESHOLD, dense_fraction, firing_counts
-from sae_ext.metrics.pca import pca_directions
+from sae_ext.metrics.pca import top_pca_basis
 from sae_ext.registry import register_inference, register_training
 from sae_ext.validation import (
     check_matryoshka_widths,
@@ -94,6 +114,15 @@ def _validate_scaffold_cfg(cfg: Any, *, training: bool) -> None:
         raise ValueError(
             f"scaffold_init must be one of {SCAFFOLD_INITS}; got {cfg.scaffold_init!r}"
         )
+    if training and not isinstance(cfg.scaffold_tied, bool):
+        raise ValueError(f"scaffold_tied must be True or False; got {cfg.scaffold_tied!r}")
+    if training:
+        c = cfg.scaffold_lr_scale
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
+            raise ValueError(
+                f"scaffold_lr_scale must be a finite number > 0 (the scaffold's learning rate "
+                f"relative to the SAE's, e.g. 0.1); got {c!r}"
+            )
     if training:  # SAELens's BatchTopK configs check neither (k > d_sae fails deep in topk)
         check_topk_k(cfg.k, cfg.d_sae)
         check_unit_interval("topk_threshold_lr", cfg.topk_threshold_lr)
@@ -105,11 +134,12 @@ class ScaffoldJumpReLUSAEConfig(JumpReLUSAEConfig):
 
     Args:
         scaffold_rank (int): rank r of the scaffold ``s = (x̃ V) U``; 1 <= r < d_in.
-        scaffold_encoder_input (str): ``"full"`` (encoder sees x̃) or ``"residual"`` (x̃ − s).
+        scaffold_encoder_input (str): ``"residual"`` (default from v2: the encoder sees
+            x̃ − s) or ``"full"`` (x̃). Saved configs carry the field, so v1 SAEs load as "full".
     """
 
     scaffold_rank: int = DEFAULT_SCAFFOLD_RANK
-    scaffold_encoder_input: ScaffoldEncoderInput = "full"
+    scaffold_encoder_input: ScaffoldEncoderInput = "residual"
 
     @override
     @classmethod
@@ -129,16 +159,22 @@ class _ScaffoldTrainingFields:
         scaffold_rank (int): Rank r of the scaffold s = (x̃ V) U, 1 <= r < d_in. Default 8:
             the paper used 24 on Gemma-2-2B, but the default must stay below d_in at every
             width it is used at, including d_in = 32 test SAEs.
-        scaffold_init (str): "pca" (default): on the first training batch set U = Vᵀ = its
-            top-r principal directions (centred); "random": U = Vᵀ = a random orthonormal
-            r-frame at construction.
-        scaffold_encoder_input (str): "full" (default): the encoder sees x̃, the scaffold runs
-            in parallel; "residual": the encoder sees x̃ − s.
+        scaffold_init (str): "pca" (default): on the first training batch (special tokens
+            already out, SPEC §8) set U = Vᵀ = its top-r principal directions and b_dec = its
+            mean; "random": U = Vᵀ = a random orthonormal r-frame at construction.
+        scaffold_encoder_input (str): "residual" (default from v2): the encoder sees x̃ − s;
+            "full" (an ablation): the encoder sees x̃, the scaffold runs in parallel.
+        scaffold_tied (bool): U = Vᵀ with V re-orthonormalised after every optimiser step
+            (default False).
+        scaffold_lr_scale (float): the scaffold's learning rate relative to the SAE's, > 0
+            (default 1.0), by reparametrisation (see the module docstring).
     """
 
     scaffold_rank: int = DEFAULT_SCAFFOLD_RANK
     scaffold_init: ScaffoldInit = "pca"
-    scaffold_encoder_input: ScaffoldEncoderInput = "full"
+    scaffold_encoder_input: ScaffoldEncoderInput = "residual"
+    scaffold_tied: bool = False
+    scaffold_lr_scale: float = 1.0
 
 
 @dataclass
@@ -254,7 +290,7 @@ class _ScaffoldCore:
     def _make_scaffold_params(self, random_frame: bool) -> None:
         d, r = self.cfg.d_in, self.cfg.scaffold_rank
         if random_frame and self.device.type != "meta":
-            v = _random_orthonormal(d, r).to(self.dtype)
+            v = (_random_orthonormal(d, r) / self._scaffold_scale()).to(self.dtype)
         else:
             v = torch.zeros(d, r, dtype=self.dtype)
         self.scaffold_V = nn.Parameter(v.to(self.device).contiguous())
@@ -268,9 +304,36 @@ class _ScaffoldCore:
         """``evaluate_sae`` zeroes ``hook_scaffold`` and compares with top-r PCA removal."""
         return EvaluationSpec(ablation_hook="hook_scaffold", ablation_pca_rank=self.cfg.scaffold_rank)
 
+    def _scaffold_scale(self) -> float:
+        """``scaffold_lr_scale`` c (training configs; 1 for the inference SAE): the parameters
+        hold V / c and U / c."""
+        return float(getattr(self.cfg, "scaffold_lr_scale", 1.0))
+
+    def scaffold_frames(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective ``(V [d_in, r], U [r, d_in])`` of ``s = (x̃ V) U`` (differentiable).
+
+        ``V = c · scaffold_V``, ``U = c · scaffold_U`` with c = ``scaffold_lr_scale``. Tied
+        (``scaffold_tied``): U has the value of ``c · scaffold_U`` (kept equal to Vᵀ after every
+        optimiser step) but its gradient flows to V, as for ``U = Vᵀ``.
+        """
+        c = self._scaffold_scale()
+        v = self.scaffold_V if c == 1.0 else self.scaffold_V * c
+        u = self.scaffold_U if c == 1.0 else self.scaffold_U * c
+        if getattr(self.cfg, "scaffold_tied", False):
+            u = v.T + (u - v.T).detach()
+        return v, u
+
     def scaffold_map(self, x_tilde: torch.Tensor) -> torch.Tensor:
         """The scaffold ``s = (x̃ V) U`` of an already-processed input ``x̃`` ``[..., d_in]``."""
-        return (x_tilde @ self.scaffold_V) @ self.scaffold_U
+        v, u = self.scaffold_frames()
+        return (x_tilde @ v) @ u
+
+    @torch.no_grad()
+    def _set_scaffold_frames(self, v: torch.Tensor, u: torch.Tensor) -> None:
+        """Store effective ``V``, ``U`` (divided by ``scaffold_lr_scale`` into the parameters)."""
+        c = self._scaffold_scale()
+        self.scaffold_V.data.copy_((v / c).to(self.scaffold_V.dtype))
+        self.scaffold_U.data.copy_((u / c).to(self.scaffold_U.dtype))
 
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """SAELens's input processing, then compute ``s`` (left pending for ``decode``).
@@ -317,8 +380,7 @@ class _ScaffoldCore:
         generically; directions with zero singular value would be arbitrary, and are kept
         only so the shape is fixed.
         """
-        v = self.scaffold_V.detach().to(torch.float64)
-        u = self.scaffold_U.detach().to(torch.float64)
+        v, u = (t.detach().to(torch.float64) for t in self.scaffold_frames())
         q, rr = torch.linalg.qr(v)  # V U = Q (R U)
         _, _, vh = torch.linalg.svd(rr @ u, full_matrices=False)
         return vh.T.to(self.dtype)
@@ -341,10 +403,9 @@ class _ScaffoldCore:
         dtype = torch.promote_types(self.scaffold_V.dtype, whitening_matrix.dtype)
         m_white = whitening_matrix.to(self.device, dtype)
         m_unwhite = unwhitening_matrix.to(self.device, dtype)
-        v = m_white @ self.scaffold_V.data.to(dtype)
-        u = self.scaffold_U.data.to(dtype) @ m_unwhite
-        self.scaffold_V.data.copy_(v)
-        self.scaffold_U.data.copy_(u)
+        v_eff, u_eff = (t.detach().to(dtype) for t in self.scaffold_frames())
+        v, u = m_white @ v_eff, u_eff @ m_unwhite
+        self._set_scaffold_frames(v, u)
         if not apply_b_dec:
             mean_s = (mean.to(self.device, dtype) @ v) @ u
             self.b_dec.data.sub_(mean_s.to(self.b_dec.dtype))
@@ -408,6 +469,10 @@ def _variance_share(s: torch.Tensor, recon: torch.Tensor) -> float:
     var_recon = (r2 - r2.mean(0)).pow(2).sum()
     var_s = (s2 - s2.mean(0)).pow(2).sum()
     return float((var_s / var_recon.clamp(min=1e-12)).item())
+
+
+#: tied scaffold SAE -> its optimiser step post-hook handle (see ``_watch_optimiser_steps``)
+_TIED_STEP_HOOKS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _forget_scaffold_initialized(module: Any, incompatible_keys: Any) -> None:
@@ -476,7 +541,15 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
 
     @torch.no_grad()
     def init_scaffold_from_batch(self, sae_in: torch.Tensor) -> None:
-        """Set U = Vᵀ = the top-r principal directions of the centred batch ``sae_in``."""
+        """Set U = Vᵀ = the top-r principal directions of the centred batch ``sae_in`` and
+        ``b_dec`` so that ``s + b_dec`` is the batch's rank-r PCA reconstruction
+        ``μ + (x − μ) V Vᵀ`` (μ the batch mean): ``b_dec = μ`` when ``apply_b_dec_to_input``
+        (then s is exactly the PCA reconstruction of the centred input), else
+        ``b_dec = μ − μ V Vᵀ``.
+
+        The batch is the first training batch; under SPEC §8 it holds no special tokens, and no
+        other data reaches a scaffold SAE's initialisation.
+        """
         x = self.run_time_activation_norm_fn_in(sae_in.to(self.dtype))  # type: ignore[attr-defined]
         x = x.reshape(-1, self.cfg.d_in)
         r = self.cfg.scaffold_rank
@@ -492,9 +565,11 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
                 "some of the directions are arbitrary",
                 stacklevel=2,
             )
-        basis = pca_directions(x.to(torch.float64), r).to(self.dtype)  # [d_in, r]
-        self.scaffold_V.data.copy_(basis)
-        self.scaffold_U.data.copy_(basis.T)
+        pca = top_pca_basis(x.to(torch.float64), r)
+        basis, mean = pca.basis.to(x.device), pca.mean.to(x.device)  # float64 [d_in, r], [d_in]
+        self._set_scaffold_frames(basis, basis.T)
+        b_dec = mean if self.cfg.apply_b_dec_to_input else mean - (mean @ basis) @ basis.T
+        self.b_dec.data.copy_(b_dec.to(self.b_dec.dtype))
         self.scaffold_initialized.fill_(True)
         self._scaffold_known_initialized = True
 
@@ -513,10 +588,49 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)  # type: ignore[attr-defined]
         return self.reshape_fn_out(sae_out_pre, self.d_head)  # type: ignore[attr-defined]
 
+    @torch.no_grad()
+    def retract_tied_scaffold(self) -> None:
+        """``scaffold_tied``: re-orthonormalise V (QR, signs fixed so that R has a positive
+        diagonal: a near-orthonormal V barely moves) and set U = Vᵀ. Runs after every
+        optimiser step that updates V (see ``_watch_optimiser_steps``)."""
+        v = self.scaffold_frames()[0].detach().to(torch.float64)
+        q, rr = torch.linalg.qr(v)
+        signs = torch.sign(torch.diagonal(rr))
+        signs[signs == 0] = 1.0
+        q = q * signs
+        self._set_scaffold_frames(q, q.T)
+
+    def _watch_optimiser_steps(self) -> None:
+        """Register (once) a global ``torch.optim`` step post-hook that retracts the tied
+        scaffold after every step of an optimiser holding this SAE's ``scaffold_V``.
+
+        SAELens's ``SAETrainer`` exposes no post-step hook to the SAE; a retraction only at
+        the start of ``training_forward_pass`` would leave the last step's V unretracted and
+        the saved SAE untied. The hook holds the SAE weakly and is removed when it is freed.
+        """
+        if self in _TIED_STEP_HOOKS:
+            return
+        ref = weakref.ref(self)
+
+        def post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            sae = ref()
+            if sae is None:
+                return
+            v = sae.scaffold_V
+            if any(p is v for group in optimizer.param_groups for p in group["params"]):
+                sae.retract_tied_scaffold()
+
+        handle = register_optimizer_step_post_hook(post_step)
+        _TIED_STEP_HOOKS[self] = handle  # kept off the module, so copies and pickles ignore it
+        weakref.finalize(self, handle.remove)
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_training_input(self, step_input)  # before the PCA init can see a bad batch
         if not self._scaffold_is_initialized():
             self.init_scaffold_from_batch(step_input.sae_in)
+        if self.cfg.scaffold_tied:
+            self._watch_optimiser_steps()
+            self.retract_tied_scaffold()  # no-op after a hooked step; covers other optimisers
         self._record_scaffold = True
         try:
             output = super().training_forward_pass(step_input)  # type: ignore[misc]
@@ -576,7 +690,12 @@ class _ScaffoldTrainingMixin(_ScaffoldCore):
             state_dict[name] = value.to(torch.int64)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """The inference SAE stores the effective V and U (``scaffold_lr_scale`` undone, the
+        tied U written out) and drops the training-only buffers."""
         super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+        v, u = (t.detach() for t in self.scaffold_frames())
+        state_dict["scaffold_V"] = v.clone(memory_format=torch.contiguous_format)
+        state_dict["scaffold_U"] = u.clone(memory_format=torch.contiguous_format)
         for name in ("scaffold_initialized", "dense_window_counts", "dense_window_tokens"):
             state_dict.pop(name, None)
 

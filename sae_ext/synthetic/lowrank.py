@@ -4,6 +4,16 @@
                                    F: SAELens FeatureDictionary rows  [n_features, d_in]
                                    z ~ N(0, I_r),  B: orthonormal     [d_in, r]
 
+What real residual streams have and the scaffold must cope with (SPEC §2 v2), each optional
+and off by default so existing callers draw exactly what they drew before:
+
+- a mean offset: ``b`` (``bias``, its norm), the same for every token;
+- an anisotropic dense part: ``dense_std`` as r numbers (e.g. :func:`geometric_spectrum`);
+- a rare outlier token (``outlier_prob``): the whole row replaced by one fixed vector of norm
+  ``outlier_norm`` — what BOS is at SmolLM2's residual stream (‖x‖ ≈ 25,000 vs ≈ 171, the same
+  vector in every row). ``SparsePlusLowRankSample.outlier_mask`` marks those rows, so a
+  pipeline can keep them out of training and statistics as SPEC §8 does with special tokens.
+
 The dense part ``z (σ ⊙ Bᵀ)`` lives in the r-dimensional subspace spanned by the columns of
 ``B`` (``dense_basis``, the ground truth a scaffold should find) and, with ``σ`` large, carries
 most of the variance: every token has it, so a sparse dictionary can only represent it with
@@ -46,6 +56,23 @@ class SparsePlusLowRankSample:
     dense_codes: torch.Tensor  # [n, r]  z ~ N(0, I_r)
     dense_basis: torch.Tensor  # [d_in, r]  ground-truth dense subspace B (orthonormal columns)
     feature_directions: torch.Tensor  # [n_features, d_in]  ground-truth sparse directions F
+    #: [n] bool: rows replaced by the outlier vector (all False without outliers); on those rows
+    #: ``activations`` is the outlier vector and the other parts / codes are zero
+    outlier_mask: torch.Tensor | None = None
+
+
+def geometric_spectrum(first: float, last: float, r: int) -> list[float]:
+    """``r`` standard deviations decaying geometrically from ``first`` to ``last`` (> 0): an
+    anisotropic dense part, like the top of a real activation spectrum."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1; got {r!r}")
+    for name, v in (("first", first), ("last", last)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
+    if r == 1:
+        return [float(first)]
+    ratio = (last / first) ** (1 / (r - 1))
+    return [float(first * ratio**i) for i in range(r)]
 
 
 def _as_std(dense_std: float | Sequence[float], r: int) -> torch.Tensor:
@@ -81,6 +108,9 @@ class SparsePlusLowRank:
         orthogonalize: spread the sparse directions apart with SAELens's
             ``orthogonal_initializer`` (default; a few seconds for thousands of features)
             instead of leaving them as independent random unit vectors.
+        outlier_prob: probability that a token is the outlier token, in [0, 1) (default 0:
+            none; drawn after everything else, so the other draws do not change).
+        outlier_norm: norm of the outlier vector (> 0; default 100), a fixed random direction.
         seed: seeds the ground truth (dictionary, dense basis) and, by default, the stream.
         stream_seed: seeds the sampling stream only (default ``seed``): generators with the
             same ``seed`` and different ``stream_seed`` share the ground truth but draw
@@ -101,6 +131,8 @@ class SparsePlusLowRank:
         orthogonalize: bool = True,
         seed: int = 0,
         stream_seed: int | None = None,
+        outlier_prob: float = 0.0,
+        outlier_norm: float = 100.0,
     ) -> None:
         if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 2:
             raise ValueError(f"d_in must be an integer >= 2; got {d_in!r}")
@@ -138,6 +170,15 @@ class SparsePlusLowRank:
             raise ValueError(f"std_magnitude must be finite and >= 0; got {std_magnitude!r}")
         if not (math.isfinite(bias) and bias >= 0):
             raise ValueError(f"bias must be a finite norm >= 0; got {bias!r}")
+        if isinstance(outlier_prob, bool) or not (
+            isinstance(outlier_prob, (int, float)) and 0 <= outlier_prob < 1
+        ):
+            raise ValueError(f"outlier_prob must be a number in [0, 1); got {outlier_prob!r}")
+        if isinstance(outlier_norm, bool) or not (
+            isinstance(outlier_norm, (int, float)) and math.isfinite(outlier_norm) and outlier_norm > 0
+        ):
+            raise ValueError(f"outlier_norm must be a finite number > 0; got {outlier_norm!r}")
+        self.outlier_prob = float(outlier_prob)
 
         self.d_in, self.n_features, self.dense_rank, self.seed = d_in, n_features, dense_rank, seed
         self.stream_seed = seed if stream_seed is None else stream_seed
@@ -147,6 +188,10 @@ class SparsePlusLowRank:
         signs[signs == 0] = 1.0
         #: ground-truth dense subspace, [d_in, r] with orthonormal columns
         self.dense_basis = (q * signs).float()
+        # its own generator, so the ground truth above and below does not change with it
+        o = torch.randn(d_in, generator=torch.Generator().manual_seed(seed + 3))
+        #: the outlier token's activation, [d_in], norm ``outlier_norm``
+        self.outlier_vector = o / o.norm() * float(outlier_norm)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
@@ -196,16 +241,27 @@ class SparsePlusLowRank:
             torch.manual_seed(self.stream_seed * 1_000_003 + 7919 * (draw + 1))
             feature_acts = self.activation_generator.sample(n)
             z = torch.randn(n, self.dense_rank)
+            outliers = (
+                torch.rand(n) < self.outlier_prob
+                if self.outlier_prob > 0
+                else torch.zeros(n, dtype=torch.bool)
+            )
         sparse = self.feature_dict(feature_acts)
         dense = (z * self.dense_std) @ self.dense_basis.T
+        acts = sparse + dense
+        if outliers.any():
+            keep = (~outliers).float()[:, None]
+            sparse, dense, feature_acts, z = sparse * keep, dense * keep, feature_acts * keep, z * keep
+            acts = torch.where(outliers[:, None], self.outlier_vector, acts)
         return SparsePlusLowRankSample(
-            activations=sparse + dense,
+            activations=acts,
             sparse_part=sparse,
             dense_part=dense,
             feature_acts=feature_acts,
             dense_codes=z,
             dense_basis=self.dense_basis,
             feature_directions=self.feature_directions,
+            outlier_mask=outliers,
         )
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:

@@ -94,7 +94,9 @@ def test_defaults_are_valid_at_the_cli_width_and_test_width() -> None:
     for cls in (ScaffoldBatchTopKTrainingSAEConfig, ScaffoldMatryoshkaBatchTopKTrainingSAEConfig):
         for d_in, d_sae in ((32, 128), (512, 1024)):
             cfg = cls(d_in=d_in, d_sae=d_sae)
-            assert (cfg.scaffold_rank, cfg.scaffold_init, cfg.scaffold_encoder_input) == (8, "pca", "full")
+            assert (cfg.scaffold_rank, cfg.scaffold_init, cfg.scaffold_encoder_input) == (8, "pca", "residual")
+            assert (cfg.scaffold_tied, cfg.scaffold_lr_scale) == (False, 1.0)
+    assert ScaffoldJumpReLUSAEConfig(d_in=32, d_sae=64).scaffold_encoder_input == "residual"
     m = ScaffoldMatryoshkaBatchTopKTrainingSAEConfig(d_in=32, d_sae=128)
     assert m.matryoshka_widths == default_matryoshka_widths(128) == [2, 8, 32, 128]
     assert default_matryoshka_widths(1024) == [16, 64, 256, 1024]
