@@ -264,11 +264,14 @@ def train_on_cache(
     exclude_special_tokens: bool | list[int] = True,
     dead_feature_window: int | None = None,
     n_checkpoints: int = 0,
+    lr_schedule: bool = True,
     **runner_kwargs: Any,
 ) -> TrainingSAE:
     """Train one SAE on a stored capture with SAELens's ``SAETrainer`` under SPEC §8: special tokens
     out of every batch and of the norm estimate (``exclude_special_tokens``: the model tokenizer's
-    special ids, an explicit list, or False), the dead-feature window sized to the run unless given.
+    special ids, an explicit list, or False), the dead-feature window sized to the run unless given,
+    and SAELens's lr warm-up/decay fields set by :func:`sae_ext.protocol.lr_schedule` unless
+    ``runner_kwargs`` set a schedule or ``lr_schedule`` is False (constant lr).
 
     The run is configured as a ``LanguageModelSAERunnerConfig`` (``runner_kwargs`` are its fields:
     ``lr_warm_up_steps``, ``lr_decay_steps``, ``lr_end``, …) and trained by SAELens's trainer; the
@@ -278,9 +281,9 @@ def train_on_cache(
     runner-based version). The SAE is saved to ``out_dir`` as the runner saves it (inference format,
     runner config, feature sparsity; loadable with ``SAE.load_from_disk`` after ``import sae_ext``).
     ``n_checkpoints`` evenly spaced mid-run checkpoints (SAELens's own) are kept as
-    ``out_dir/checkpoints/<tokens seen>``; ``n_checkpoints=1`` is the half-budget point of the
-    convergence check (SPEC §8). :func:`load_checkpoint` turns one into an inference SAE; with a
-    constant learning rate (the default) it is the SAE a run of that budget would have given.
+    ``out_dir/checkpoints/<tokens seen>``; :func:`load_checkpoint` turns one into an inference SAE.
+    With a decaying lr a checkpoint is not the SAE of a shorter run: the convergence check trains
+    the half-budget run itself (:func:`sae_ext.convergence.train_with_half_budget`).
     """
     del token_dataset
     if sae_cfg.d_in != cache.d_in:
@@ -312,7 +315,8 @@ def train_on_cache(
         verbose=False,
         **runner_kwargs,
     )
-    apply_protocol(cfg, model, exclude_special_tokens=exclude_special_tokens, dead_window=dead_feature_window)
+    apply_protocol(cfg, model, exclude_special_tokens=exclude_special_tokens, dead_window=dead_feature_window,
+                   schedule=lr_schedule)
     if cfg.exclude_special_tokens is True:
         raise ValueError(
             "exclude_special_tokens=True needs the model whose tokenizer names the special ids; "
@@ -342,6 +346,9 @@ def train_on_cache(
         "training_tokens": cfg.training_tokens,
         "train_batch_size_tokens": cfg.train_batch_size_tokens,
         "dead_feature_window": cfg.dead_feature_window,
+        "lr_warm_up_steps": cfg.lr_warm_up_steps,
+        "lr_decay_steps": cfg.lr_decay_steps,
+        "lr_end": cfg.lr_end,
         "exclude_special_tokens": cfg.exclude_special_tokens,
         "tokens_after_filter": batches.n_tokens,
         "epochs": batches.epochs,

@@ -17,8 +17,9 @@ def _flag_given(argv: Sequence[str], name: str) -> bool:
 
 
 def train_config(argv: Sequence[str]) -> Any:
-    """SAELens's training-CLI config from ``argv`` with SPEC §8 applied: special tokens excluded
-    and the dead-feature window sized to the run, unless the flags set them."""
+    """SAELens's training-CLI config from ``argv`` with SPEC §8 applied: special tokens excluded,
+    the dead-feature window sized to the run and the lr warm-up/decay schedule, unless the flags
+    set them."""
     from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
     import sae_ext  # noqa: F401  (registers the architectures before the parser is built)
@@ -29,6 +30,7 @@ def train_config(argv: Sequence[str]) -> Any:
         cfg,
         exclude_special_tokens=cfg.exclude_special_tokens if _flag_given(argv, "exclude_special_tokens") else True,
         dead_window=cfg.dead_feature_window if _flag_given(argv, "dead_feature_window") else None,
+        schedule=not any(_flag_given(argv, f) for f in ("lr_warm_up_steps", "lr_decay_steps")),
     )
 
 

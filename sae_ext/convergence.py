@@ -1,21 +1,29 @@
-"""The convergence check of SPEC §8: held-out R² of a run at half its budget and at its budget.
+"""The convergence check of SPEC §8: held-out R² of a run and of its half-budget twin.
 
-R² is SAELens's own (``sae_lens.evals.ExplainedVarianceCalculator``, the ``explained_variance`` of
+Protocol runs decay their learning rate (:func:`sae_ext.protocol.lr_schedule`), so a mid-run
+checkpoint is not the SAE a shorter run gives; :func:`train_with_half_budget` trains the run of
+half the budget (same settings, its own schedule and dead window) beside the run itself. R² is
+SAELens's own (``sae_lens.evals.ExplainedVarianceCalculator``, the ``explained_variance`` of
 ``run_evals``), on held-out activations with special-token positions already removed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, TrainingSAE, TrainingSAEConfig
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.evals import ExplainedVarianceCalculator
 
-from sae_ext.capture import checkpoint_dirs, load_checkpoint
+from sae_ext.capture import PROTOCOL_FILE, ActivationCache, train_on_cache
 from sae_ext.protocol import CONVERGENCE_TOLERANCE, is_converged
+
+#: Where :func:`train_with_half_budget` puts the half-budget run, inside the run's folder.
+HALF_BUDGET_DIR = "half_budget"
 
 
 @torch.no_grad()
@@ -32,9 +40,29 @@ def heldout_r2(sae: SAE[Any], x: torch.Tensor, batch_size: int = 4096) -> float:
     return calc.compute()
 
 
+def train_with_half_budget(
+    sae_cfg: TrainingSAEConfig,
+    cache: ActivationCache,
+    model: Any,
+    out_dir: str | Path,
+    *,
+    training_tokens: int,
+    **train_kwargs: Any,
+) -> TrainingSAE:
+    """Train the run of ``training_tokens`` into ``out_dir`` and its half-budget twin into
+    ``out_dir/half_budget`` (:func:`sae_ext.capture.train_on_cache` with the same arguments);
+    :func:`run_convergence` then compares them. Returns the full run's SAE."""
+    if isinstance(training_tokens, bool) or not isinstance(training_tokens, int) or training_tokens < 2:
+        raise ValueError(f"training_tokens must be an int >= 2, got {training_tokens!r}")
+    out = Path(out_dir)
+    train_on_cache(sae_cfg, cache, model, None, out / HALF_BUDGET_DIR, training_tokens=training_tokens // 2,
+                   **train_kwargs)
+    return train_on_cache(sae_cfg, cache, model, None, out, training_tokens=training_tokens, **train_kwargs)
+
+
 @dataclass(frozen=True)
 class Convergence:
-    """Held-out R² at half budget and at the full budget of one run, and the verdict."""
+    """Held-out R² of a run and of its half-budget twin, and the verdict."""
 
     half_budget_tokens: int
     r2_half: float
@@ -47,14 +75,12 @@ class Convergence:
 
 
 def run_convergence(out_dir: str | Path, x: torch.Tensor, tolerance: float = CONVERGENCE_TOLERANCE) -> Convergence:
-    """The convergence record of a ``train_on_cache(..., n_checkpoints=1)`` run saved at ``out_dir``,
+    """The convergence record of a :func:`train_with_half_budget` run saved at ``out_dir``,
     measured on held-out activations ``x``."""
-    ckpts = checkpoint_dirs(out_dir)
-    if len(ckpts) != 1:
-        raise ValueError(
-            f"{out_dir} must hold exactly one mid-run checkpoint (train with n_checkpoints=1), found {len(ckpts)}"
-        )
-    ((tokens, ckpt),) = ckpts.items()
-    r2_half = heldout_r2(load_checkpoint(ckpt), x)
+    half = Path(out_dir) / HALF_BUDGET_DIR
+    if not (half / SAE_WEIGHTS_FILENAME).is_file():
+        raise ValueError(f"{out_dir} holds no half-budget run ({half}); train it with train_with_half_budget")
+    tokens = json.loads((half / PROTOCOL_FILE).read_text())["training_tokens"]
+    r2_half = heldout_r2(SAE.load_from_disk(half), x)
     r2 = heldout_r2(SAE.load_from_disk(out_dir), x)
     return Convergence(tokens, r2_half, r2, is_converged(r2_half, r2, tolerance), tolerance)

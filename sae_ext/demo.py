@@ -234,8 +234,8 @@ def capture_dir(activations_dir: str | Path, hook: str, context_size: int, n_row
 
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the main job and return its table rows."""
-    from sae_ext.capture import capture_activations, check_hook_name, hook_width, train_on_cache
-    from sae_ext.convergence import run_convergence
+    from sae_ext.capture import capture_activations, check_hook_name, hook_width
+    from sae_ext.convergence import run_convergence, train_with_half_budget
     from sae_ext.dashboard import write_demo_dashboard
     from sae_ext.data import default_token_dataset
     from sae_ext.evaluate import evaluate_sae
@@ -282,10 +282,9 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     for entry in entries:
         t = time.perf_counter()
         sae_dir = out / "saes" / entry.name.replace("@", "_at_")
-        train_on_cache(
-            configs[entry.name], cache, model, train_ds, sae_dir,
+        train_with_half_budget(  # the run and its half-budget twin: the convergence check (SPEC §8)
+            configs[entry.name], cache, model, sae_dir,
             training_tokens=args.tokens, train_batch_size_tokens=args.batch_size, lr=args.lr, seed=args.seed,
-            n_checkpoints=1,  # the half-budget point of the convergence check
         )
         train_s = time.perf_counter() - t
         conv = run_convergence(sae_dir, x_eval)

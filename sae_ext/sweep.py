@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from sae_ext.metrics.curves import matched_gap, pareto_front
+from sae_ext.protocol import LR_DECAY_FRACTION, LR_WARM_UP_FRACTION
 
 #: The record fields plotted against L0.
 CURVE_METRICS = {"r2": "explained variance R²", "ce_loss_recovered": "CE loss recovered"}
@@ -210,6 +211,8 @@ def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, cap
         "knob": arch.knob, "value": value, "config": arch.config, "seed": seed, "tokens": grid.tokens,
         "batch_size": grid.batch_size, "lr": grid.lr, "context_size": grid.context_size,
         "captured_tokens": captured_tokens, "eval_tokens": grid.eval_tokens,
+        # the protocol's lr schedule and the separate half-budget run (v1 runs: constant lr, checkpoint)
+        "lr_schedule": [LR_WARM_UP_FRACTION, LR_DECAY_FRACTION], "half_budget": "run",
     }
 
 
@@ -262,8 +265,8 @@ def run_sweep(
     from sae_lens.registry import get_sae_training_class
     from tqdm.auto import tqdm
 
-    from sae_ext.capture import capture_activations, hook_width, train_on_cache
-    from sae_ext.convergence import run_convergence
+    from sae_ext.capture import capture_activations, hook_width
+    from sae_ext.convergence import run_convergence, train_with_half_budget
     from sae_ext.evaluate import evaluate_sae
     from sae_ext.protocol import resolve_special_tokens
 
@@ -286,9 +289,9 @@ def run_sweep(
         cfg = get_sae_training_class(arch.architecture)[1](d_in=cache.d_in, d_sae=arch.d_sae,
                                                            **{**arch.config, arch.knob: value})
         t = time.perf_counter()
-        train_on_cache(cfg, cache, model, train_rows, d, training_tokens=grid.tokens,
-                       train_batch_size_tokens=grid.batch_size, lr=grid.lr, seed=seed,
-                       exclude_special_tokens=special, n_checkpoints=1)
+        train_with_half_budget(cfg, cache, model, d, training_tokens=grid.tokens,
+                               train_batch_size_tokens=grid.batch_size, lr=grid.lr, seed=seed,
+                               exclude_special_tokens=special)
         seconds = time.perf_counter() - t
         conv = run_convergence(d, x_eval)
         res = evaluate_sae(SAE.load_from_disk(d), model, eval_rows, n_tokens=min(grid.eval_tokens, len(eval_rows) * grid.context_size),

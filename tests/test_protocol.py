@@ -21,6 +21,7 @@ from sae_ext.protocol import (
     apply_protocol,
     dead_feature_window,
     is_converged,
+    lr_schedule,
     resolve_special_tokens,
     total_steps,
 )
@@ -210,8 +211,11 @@ def test_sae_ext_train_applies_the_protocol_unless_flags_say_otherwise() -> None
             "--d_sae", "64", "--training_tokens", "102400", "--train_batch_size_tokens", "1024"]
     cfg = train_config(base)
     assert cfg.exclude_special_tokens is True and cfg.dead_feature_window == 10
-    cfg = train_config([*base, "--dead_feature_window", "40", "--exclude_special_tokens", "False"])
+    assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (1, 20)
+    cfg = train_config([*base, "--dead_feature_window", "40", "--exclude_special_tokens", "False",
+                        "--lr_decay_steps", "0"])
     assert cfg.exclude_special_tokens is False and cfg.dead_feature_window == 40
+    assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (0, 0)
 
 
 def test_apply_protocol_widens_the_sampling_window() -> None:
@@ -219,6 +223,25 @@ def test_apply_protocol_widens_the_sampling_window() -> None:
         training_tokens, train_batch_size_tokens = 10**7, 1000
         dead_feature_window, feature_sampling_window, exclude_special_tokens = 1000, 500, False
 
+        lr_warm_up_steps, lr_decay_steps = 0, 0
+
     cfg = apply_protocol(Cfg(), exclude_special_tokens=[7])
     assert cfg.dead_feature_window == 1000 and cfg.feature_sampling_window == 1000
     assert cfg.exclude_special_tokens == [7]
+
+
+def test_lr_schedule_is_set_unless_the_user_chose_one() -> None:
+    class Cfg:
+        training_tokens, train_batch_size_tokens = 1_024_000, 1024
+        dead_feature_window, feature_sampling_window, exclude_special_tokens = 1000, 2000, False
+        lr_warm_up_steps, lr_decay_steps = 0, 0
+
+    assert lr_schedule(1_024_000, 1024) == {"lr_warm_up_steps": 10, "lr_decay_steps": 200}
+    cfg = apply_protocol(Cfg(), exclude_special_tokens=False)
+    assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (10, 200)
+    mine = Cfg()
+    mine.lr_decay_steps = 5
+    cfg = apply_protocol(mine, exclude_special_tokens=False)
+    assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (0, 5)  # the user's schedule is kept
+    cfg = apply_protocol(Cfg(), exclude_special_tokens=False, schedule=False)
+    assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (0, 0)  # constant lr on request

@@ -63,7 +63,7 @@ def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("sae_ext.capture.train_on_cache", no_training)
+    monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
     again = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
     assert again == records
     # a changed setting is a different run: it is trained, not reused
