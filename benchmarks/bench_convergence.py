@@ -39,8 +39,13 @@ from sae_ext.testing import small_training_config
 
 RESULTS = Path(__file__).parent / "results"
 HOOKS = ["blocks.15.hook_mlp_out", "blocks.15.hook_resid_mid", "blocks.15.hook_attn_out", "blocks.15.hook_resid_post"]
-#: The sparsity knob of each SAELens baseline (gated: λ of the L1; jumprelu: λ₀ of the L0 term).
-KNOBS = {"topk": "k", "batchtopk": "k", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}
+#: The sparsity knob of each SAELens baseline (gated: λ of the L1; jumprelu: the target L0 of
+#: SAELens's quadratic L0 loss, so that its L0 sits beside the TopK family's k).
+KNOBS = {"topk": "k", "batchtopk": "k", "gated": "l1_coefficient", "jumprelu": "target_l0"}
+#: JumpReLU's threshold is a linear parameter that Adam moves by ~lr per step: from SAELens's
+#: default 0.01 a 250-step run cannot sparsify it (measured: L0 1123 of 1152 at λ₀ = 2). 0.2 is
+#: about where random-init pre-activations (‖W_enc col‖ = 0.1, normalised inputs) fire for ~3 %.
+JUMPRELU_SETTINGS = {"jumprelu_sparsity_loss_mode": "quadratic", "jumprelu_init_threshold": 0.2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-sae", type=int, default=1152)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1-coefficient", type=float, default=10.0, help="gated λ (normalised inputs)")
-    p.add_argument("--l0-coefficient", type=float, default=2.0, help="jumprelu λ₀ (normalised inputs)")
+    p.add_argument("--target-l0", type=float, default=32.0, help="jumprelu target L0 (quadratic L0 loss)")
     p.add_argument("--budgets", type=int, nargs="+", default=[250_000, 500_000, 1_000_000],
                    help="training tokens of the rungs; each convergence check pairs B with B/2")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -101,9 +106,10 @@ def heldout_metrics(sae: SAE[Any], x: torch.Tensor, batch: int = 4096) -> dict[s
 
 def sae_config(arch: str, d_in: int, args: argparse.Namespace) -> tuple[Any, str, float]:
     knob = KNOBS[arch]
-    value = {"k": args.k, "l1_coefficient": args.l1_coefficient, "l0_coefficient": args.l0_coefficient}[knob]
+    value = {"k": args.k, "l1_coefficient": args.l1_coefficient, "target_l0": args.target_l0}[knob]
+    extra = JUMPRELU_SETTINGS if arch == "jumprelu" else {}
     cfg = small_training_config(
-        arch, d_in=d_in, d_sae=args.d_sae, normalize_activations="expected_average_only_in", **{knob: value}
+        arch, d_in=d_in, d_sae=args.d_sae, normalize_activations="expected_average_only_in", **{knob: value}, **extra
     )
     return cfg, knob, value
 

@@ -230,6 +230,27 @@ def capture_hooks(
     return {h: ActivationCache.load(out, h) for h in hooks}
 
 
+def convert_capture(cache: ActivationCache, out_dir: str | Path, dtype: str) -> ActivationCache:
+    """Store ``cache``'s hook (and the token ids) again at ``out_dir`` in storage type ``dtype``.
+
+    The values are what :func:`capture_hooks` with that ``dtype`` stores (each float32 activation
+    rounded once), so the R² cost of ``float16`` storage can be measured without a second model
+    pass; an existing folder at ``out_dir`` is an error.
+    """
+    _storage_dtype(dtype)
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder")
+    ds = Dataset.load_from_disk(cache.path).select_columns([cache.hook_name, "token_ids"])
+    features = ds.features.copy()
+    features[cache.hook_name] = Array2D(shape=(cache.context_size, cache.d_in), dtype=dtype)
+    ds.cast(features).save_to_disk(str(out))
+    info = json.loads((Path(cache.path) / CACHE_INFO).read_text())
+    info.update(path=str(out), hook_names=[cache.hook_name], d_ins={cache.hook_name: cache.d_in}, dtype=dtype)
+    (out / CACHE_INFO).write_text(json.dumps(info, indent=2))
+    return ActivationCache.load(out, cache.hook_name)
+
+
 def capture_activations(
     model: Any,
     token_dataset: Dataset,

@@ -62,3 +62,19 @@ def test_bad_settings_fail_before_reading(capture) -> None:
             CachedActivationBatches(capture, HOOKS[0], 16, bad)
     with pytest.raises(ValueError, match="fewer than one batch"):
         CachedActivationBatches(capture, HOOKS[0], 16, 1000)
+
+
+def test_float16_copy_rounds_each_value_once(capture, tmp_path) -> None:
+    from sae_ext.capture import ActivationCache, convert_capture
+
+    cache = ActivationCache.load(capture, HOOKS[1])
+    half = convert_capture(cache, tmp_path / "f16", "float16")
+    assert half.hook_name == HOOKS[1] and half.n_tokens == cache.n_tokens
+    assert read_cached_column(half.path, HOOKS[1], 16).dtype == torch.float16
+    assert torch.equal(half.activations(), cache.activations().half().float())
+    assert torch.equal(half.token_ids(), cache.token_ids())
+    with pytest.raises(FileExistsError):
+        convert_capture(cache, tmp_path / "f16", "float16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        convert_capture(cache, tmp_path / "b", "bfloat16")
+    assert not (tmp_path / "b").exists()
