@@ -2,7 +2,7 @@
 
 Capture activations of the embedded SmolLM2-135M at one hook on the embedded text once, train
 every demo SAE (each plugin architecture beside its SAELens sibling) on the stored activations
-through SAELens's runner, evaluate each on held-out text with :func:`sae_ext.evaluate.evaluate_sae`
+with SAELens's trainer (``sae_ext.capture.train_on_cache``, SPEC §8), evaluate each on held-out text with :func:`sae_ext.evaluate.evaluate_sae`
 (SAELens ``run_evals``: explained variance, L0, CE/KL loss recovered by splicing; dark matter;
 dead / dense / bipolar / group statistics), and write ``report.md``, ``report.json`` and plots.
 """
@@ -26,8 +26,9 @@ DEFAULT_HOOK = "blocks.15.hook_mlp_out"
 #: What the report says of its own figures (SPEC §8): they are demo-scale, not the benchmarks'.
 DEMO_SCALE_NOTE = (
     "**Demo-scale figures.** Training follows SPEC §8 (special tokens out of training, normalisation and "
-    "statistics; dead-feature window 10 % of the run; R² also at half the budget, `converged` when it moved "
-    "≤ 0.01), but the budget is chosen to fit a few minutes on a CPU, not for convergence. Converged "
+    "statistics; dead-feature window 10 % of the run; lr warm-up and decay; `R² at ½ budget` is a second run "
+    "of half the tokens, `converged` when R² moved ≤ 0.01), but the budget is chosen to fit a few minutes on "
+    "a CPU, not for convergence. Converged "
     "SAELens references at this width are in `benchmarks/results/convergence.md`; architecture verdicts "
     "come from the converged curves in `benchmarks/RESULTS.md`, never from this table."
 )
