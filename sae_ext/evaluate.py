@@ -16,6 +16,7 @@ The CLI (``sae-ext eval SAE_DIR [--tokens N] [--hook NAME] [--out DIR]``) is wir
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_ext.eval_report import fmt, write_report
-from sae_ext.eval_result import ComponentAblation, EvaluationResult, SAEInfo
+from sae_ext.eval_result import ComponentAblation, EvaluationResult, SAEInfo, json_safe
 from sae_ext.evaluation_spec import evaluation_spec
 from sae_ext.interventions import (
     ERROR_TERM,
@@ -250,11 +251,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the dark-matter train/test split"
     )
+    parser.add_argument(
+        "--probes", action="store_true",
+        help="also first-letter absorption, k-sparse probing on the Python-docs sections and the "
+             "scaffold-vs-latents topic test (sae_ext.metrics.probing; writes probes.json)",
+    )
+    parser.add_argument("--probe-per-class", type=int, default=None,
+                        help="paragraphs per section for --probes (default: all)")
+    parser.add_argument("--absorption-words", type=int, default=None,
+                        help="spelling words for --probes' absorption (default: every eligible word)")
     return parser
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """``sae-ext eval``: load the SAE and the default model/text, evaluate, write the report."""
+    for name in ("probe_per_class", "absorption_words"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     sae_dir = Path(args.sae_dir)
     if not (sae_dir / "cfg.json").is_file():
         raise ValueError(f"{str(sae_dir)!r} is not a saved SAE folder (no cfg.json)")
@@ -285,6 +299,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
+    if getattr(args, "probes", False):
+        from sae_ext.metrics.probing import probe_metrics
+
+        hook = args.hook or sae.cfg.metadata.hook_name
+        probes = probe_metrics(model, sae, hook, per_class=args.probe_per_class,
+                               absorption_words=args.absorption_words, batch_size=args.batch_size, seed=args.seed)
+        (out_dir / "probes.json").write_text(json.dumps(json_safe(probes), indent=2))
+        print(f"wrote {out_dir / 'probes.json'}")
     ev, dm = result.run_evals, result.dark_matter
     print(
         f"wrote {out_dir / 'eval.md'}: CE loss recovered {fmt(ev.ce_loss_score)}, "
