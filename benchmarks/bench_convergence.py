@@ -151,6 +151,18 @@ def ladder(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str
     return groups
 
 
+#: What the table cannot say by itself (measured with it; see benchmarks/RESULTS.md §0).
+NOTES = [
+    "- `jumprelu` (SAELens, quadratic L0 loss at `target_l0` 32, initial threshold 0.2) stays dense at",
+    "  0.25 M tokens (L0 1053 of 1152; with λ₀ 2 in `step` mode and the 0.01 default threshold, L0 1123):",
+    "  its threshold is a linear parameter that Adam moves by ~lr per step, so ~250 steps cannot carry it",
+    "  to the pre-activations' scale. Its higher rungs were not run.",
+    "- `gated` at a fixed λ keeps lowering its L0 as the budget grows (`hook_mlp_out`: 32 → 15 → 7), so",
+    "  its `conv.` compares SAEs at different L0 and is not a converged operating point.",
+    "- `train s` is wall time on 2 shared cores (early rungs ran beside other processes): not a speed figure.",
+]
+
+
 def write_report(results: list[dict[str, Any]], tag: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     groups = ladder(results)
@@ -165,10 +177,16 @@ def write_report(results: list[dict[str, Any]], tag: str) -> None:
         f"half-budget run of the run at B: **conv.** = R²(B) − R²(B/2) ≤ {CONVERGENCE_TOLERANCE}.",
         "Reproduce: `python benchmarks/bench_convergence.py` (resumes finished runs).",
         "",
+        *NOTES,
+        "",
         "| hook | arch | knob | tokens | R² | R²(B/2) | conv. | L0 | dead | dense | train s |",
         "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for (hook, arch), runs in groups.items():
+    def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
+        (hook, arch), _ = item
+        return (HOOKS.index(hook) if hook in HOOKS else len(HOOKS), list(KNOBS).index(arch))
+
+    for (hook, arch), runs in sorted(groups.items(), key=order):
         for r in runs:
             a = r["args"]
             half = "–" if r["r2_half"] is None else f"{r['r2_half']:.3f}"
