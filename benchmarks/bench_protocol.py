@@ -13,7 +13,8 @@ Both are fed from memory to SAELens's ``SAETrainer`` (``train_on_cache``). Evalu
 L0; special positions never spliced) on held-out text, dead / dense fractions, and held-out R² on
 32k non-special eval tokens (as ``benchmarks/results/convergence.md``).
 
-    python benchmarks/bench_protocol.py               # 4 baselines × 3 pipelines, 250k tokens each
+    python benchmarks/bench_protocol.py --archs topk batchtopk gated --pipelines v1 protocol
+    python benchmarks/bench_protocol.py --archs topk --pipelines "protocol, float16"
 
 Runs resume (a finished run with the same arguments is reused).
 """
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for run_evals (CE)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for run_evals (CE; the demo's)")
     p.add_argument("--captures", default="sae_ext_out/captures", help="bench_convergence.py's captures")
     p.add_argument("--runs", default="sae_ext_out/protocol_before_after")
     return p.parse_args(argv)
@@ -81,14 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     special = special_token_ids(model)
     x_eval = ev.activations()[~torch.isin(ev.token_ids(), torch.tensor(special, dtype=torch.long))]
     eval_rows = default_token_dataset(model.tokenizer, 128, n_tokens=args.eval_tokens, split="eval")
-    results: list[dict[str, Any]] = []
+    stored = RESULTS / "protocol_before_after.json"
+    results: list[dict[str, Any]] = json.loads(stored.read_text()) if stored.exists() else []
     grid = [(a, p) for a in args.archs for p in args.pipelines]
     for arch, pipe in tqdm(grid, desc="before/after runs"):
         cfg, knob, value = sae_config(arch, 576, args)  # the convergence table's settings
         key = {"arch": arch, "pipeline": pipe, "knob": knob, "value": value, "tokens": args.tokens,
+               "eval_tokens": args.eval_tokens,
                "d_sae": args.d_sae, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
         out = Path(args.runs) / arch / pipe.replace(", ", "_")
         done = out / "result.json"
+        results = [r for r in results if (r["args"]["arch"], r["args"]["pipeline"]) != (arch, pipe)]
         if done.exists() and json.loads(done.read_text())["args"] == key:
             results.append(json.loads(done.read_text()))
             continue

@@ -265,10 +265,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """``sae-ext eval``: load the SAE and the default model/text, evaluate, write the report."""
-    for name in ("probe_per_class", "absorption_words"):
+    from sae_ext.metrics.absorption import min_absorption_words
+
+    for name, least in (("probe_per_class", 1), ("absorption_words", min_absorption_words())):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     sae_dir = Path(args.sae_dir)
     if not (sae_dir / "cfg.json").is_file():
         raise ValueError(f"{str(sae_dir)!r} is not a saved SAE folder (no cfg.json)")

@@ -46,7 +46,7 @@ def test_demo_on_a_tiny_budget_writes_the_report(tmp_path: Path, capsys) -> None
     # `sae-ext eval` on a trained plugin SAE, with every splice, on the embedded model
     sasa = next(r for r in report["rows"] if r["name"] == "sasa")
     main(["eval", sasa["path"], "--tokens", "256", "--out", str(tmp_path / "eval"),
-          "--probes", "--probe-per-class", "6", "--absorption-words", "40"])
+          "--probes", "--probe-per-class", "6", "--absorption-words", "60"])
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["sae"]["architecture"] == "sasa"
     probes = json.loads((tmp_path / "eval" / "probes.json").read_text())
@@ -62,6 +62,8 @@ def test_demo_rejects_bad_arguments_before_work(tmp_path: Path) -> None:
         main(["demo", "--only", "nope", "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--probe-per-class must be >= 1"):
         main(["eval", str(tmp_path), "--probe-per-class", "0"])
+    with pytest.raises(ValueError, match="--absorption-words must be >= 53"):
+        main(["eval", str(tmp_path), "--absorption-words", "40"])
 
 
 def test_demo_l1_coefficient_reaches_gated_and_sa_gsae_uses_its_l0_coefficient() -> None:

@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+#: Solved in-context examples before each spelling prompt (SAEBench uses 10).
+N_ICL = 10
 #: A latent "fires" when its code's magnitude exceeds this (SAEBench's EPS).
 _EPS = 1e-8
 
@@ -161,7 +163,7 @@ def spelling_prompts(
     vocabulary: Sequence[tuple[str, int]] | None = None,
     *,
     template: str = "{word} has the first letter:",
-    n_icl: int = 10,
+    n_icl: int = N_ICL,
     seed: int = 0,
 ) -> SpellingPrompts:
     """In-context spelling prompts for every ``(word, token id)`` of ``vocabulary`` (default:
@@ -476,6 +478,15 @@ def absorption_from_activations(
     )
 
 
+def min_absorption_words(test_fraction: float = 0.2, n_icl: int = N_ICL) -> int:
+    """The fewest words (``max_words``) whose train and test splits each hold more than ``n_icl``
+    words, as prompts built from a tokenizer need (each split's examples come from that split)."""
+    n = 2
+    while min(round(n * test_fraction), n - round(n * test_fraction)) <= n_icl:
+        n += 1
+    return n
+
+
 def first_letter_absorption(
     model: Any,
     sae: Any,
@@ -501,6 +512,13 @@ def first_letter_absorption(
         isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 4
     ):
         raise ValueError(f"max_words must be None or an integer >= 4, got {max_words!r}")
+    if max_words is not None and not isinstance(prompts, SpellingPrompts) and max_words < (
+        least := min_absorption_words(test_fraction)
+    ):
+        raise ValueError(
+            f"max_words {max_words} is too few to build prompts from a tokenizer: each split needs more "
+            f"than {N_ICL} words, so max_words must be >= {least} (test_fraction {test_fraction})"
+        )
     if settings is not None and not isinstance(settings, AbsorptionSettings):
         raise ValueError(f"settings must be AbsorptionSettings, got {type(settings).__name__}")
     resolve_hook_name(model, hook_name)

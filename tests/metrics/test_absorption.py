@@ -270,3 +270,13 @@ def test_bad_settings_and_prompt_arguments() -> None:
         first_letter_absorption(model, _sae(True), "hook_embed", prompts, test_fraction=1.0)
     with pytest.raises(ValueError, match="positions"):
         SpellingPrompts(torch.tensor([[1, 2]]), torch.tensor([2]), ("ab",), torch.tensor([0]))
+
+
+def test_too_few_words_for_tokenizer_prompts_fail_before_work() -> None:
+    from sae_ext.metrics.absorption import first_letter_absorption, min_absorption_words
+    from sae_ext.testing import tiny_bridge
+
+    bridge = tiny_bridge()
+    assert min_absorption_words() == 53  # both splits (80 / 20 %) need more than 10 words
+    with pytest.raises(ValueError, match="max_words 20 is too few"):
+        first_letter_absorption(bridge, None, "blocks.0.hook_resid_post", bridge.tokenizer, max_words=20)
