@@ -387,21 +387,18 @@ def train_on_cache(
     return sae
 
 
+#: The runner-config fields SAELens's runner copies into an SAE's metadata before training.
+_RUN_METADATA_FIELDS = (
+    "dataset_path", "hook_name", "model_name", "model_class_name", "hook_head_index", "context_size",
+    "seqpos_slice", "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens",
+    "sequence_separator_token", "disable_concat_sequences",
+)
+
+
 def _set_run_metadata(sae: TrainingSAE, cfg: LanguageModelSAERunnerConfig[Any]) -> None:
     """The metadata SAELens's runner records on an SAE it trains (hook, model, context, filter)."""
-    meta = sae.cfg.metadata
-    meta.dataset_path = cfg.dataset_path
-    meta.hook_name = cfg.hook_name
-    meta.model_name = cfg.model_name
-    meta.model_class_name = cfg.model_class_name
-    meta.hook_head_index = cfg.hook_head_index
-    meta.context_size = cfg.context_size
-    meta.seqpos_slice = cfg.seqpos_slice
-    meta.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
-    meta.prepend_bos = cfg.prepend_bos
-    meta.exclude_special_tokens = cfg.exclude_special_tokens
-    meta.sequence_separator_token = cfg.sequence_separator_token
-    meta.disable_concat_sequences = cfg.disable_concat_sequences
+    for name in _RUN_METADATA_FIELDS:
+        setattr(sae.cfg.metadata, name, getattr(cfg, name))
 
 
 def checkpoint_dirs(out_dir: str | Path) -> dict[int, Path]:
