@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -76,6 +76,18 @@ def small_training_config(
     kwargs = {k: v for k, v in _SMALL_DEFAULTS.items() if k in names}
     kwargs.update(overrides)
     return cfg_cls(d_in=d_in, d_sae=d_sae, **kwargs)
+
+
+def train_step_input(x: torch.Tensor, d_sae: int, logging: bool = False) -> TrainStepInput:
+    """A ``TrainStepInput`` for calling ``training_forward_pass`` directly: no coefficients, no dead
+    latents, step 0 (``logging`` sets ``is_logging_step``)."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={},
+        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
+        n_training_steps=0,
+        is_logging_step=logging,
+    )
 
 
 def fit_on_stream(

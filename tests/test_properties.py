@@ -26,6 +26,7 @@ from sae_ext.saes.scaffold import (
     ScaffoldMatryoshkaBatchTopKTrainingSAEConfig,
 )
 from sae_ext.saes.sign_aware_gated import SignAwareGatedSAE, SignAwareGatedSAEConfig
+from sae_ext.testing import train_step_input
 
 PROPERTY = settings(max_examples=20, deadline=None)
 
@@ -198,13 +199,7 @@ def test_sasa_properties(
 
 
 def _step(x: torch.Tensor, d_sae: int) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    return train_step_input(x, d_sae)
 
 
 @st.composite

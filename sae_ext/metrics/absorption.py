@@ -264,21 +264,17 @@ class LetterAbsorption:
     def num_split_features(self) -> int:
         return max(len(self.main_units) - 1, 0)
 
+    def _per_true_positive(self, total: float) -> float:
+        """``total`` over the probe's true positives (NaN when it has none)."""
+        return total / self.n_probe_true_positives if self.n_probe_true_positives else math.nan
+
     @property
     def full_absorption_rate(self) -> float:
-        return (
-            self.n_full_absorption / self.n_probe_true_positives
-            if self.n_probe_true_positives
-            else math.nan
-        )
+        return self._per_true_positive(self.n_full_absorption)
 
     @property
     def mean_absorption_fraction(self) -> float:
-        return (
-            self.sum_absorption_fraction / self.n_probe_true_positives
-            if self.n_probe_true_positives
-            else math.nan
-        )
+        return self._per_true_positive(self.sum_absorption_fraction)
 
 
 @dataclass(frozen=True)
@@ -481,6 +477,10 @@ def absorption_from_activations(
 def min_absorption_words(test_fraction: float = 0.2, n_icl: int = N_ICL) -> int:
     """The fewest words (``max_words``) whose train and test splits each hold more than ``n_icl``
     words, as prompts built from a tokenizer need (each split's examples come from that split)."""
+    if not (isinstance(test_fraction, float) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if isinstance(n_icl, bool) or not isinstance(n_icl, int) or n_icl < 0:
+        raise ValueError(f"n_icl must be an integer >= 0, got {n_icl!r}")
     n = 2
     while min(round(n * test_fraction), n - round(n * test_fraction)) <= n_icl:
         n += 1

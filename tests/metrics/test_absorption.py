@@ -278,5 +278,9 @@ def test_too_few_words_for_tokenizer_prompts_fail_before_work() -> None:
 
     bridge = tiny_bridge()
     assert min_absorption_words() == 53  # both splits (80 / 20 %) need more than 10 words
+    assert min_absorption_words(0.5, n_icl=2) == 6
+    for bad in (0.0, 1.0, 1):
+        with pytest.raises(ValueError, match="test_fraction"):
+            min_absorption_words(bad)
     with pytest.raises(ValueError, match="max_words 20 is too few"):
         first_letter_absorption(bridge, None, "blocks.0.hook_resid_post", bridge.tokenizer, max_words=20)

@@ -24,7 +24,7 @@ from sae_ext.saes.scaffold import (
     default_matryoshka_widths,
 )
 from sae_ext.synthetic.lowrank import SparsePlusLowRank
-from sae_ext.testing import fit_on_stream, tiny_hooked_transformer
+from sae_ext.testing import fit_on_stream, tiny_hooked_transformer, train_step_input
 
 ARCHS = ["scaffold_batchtopk", "scaffold_matryoshka_batchtopk"]
 D_IN, D_SAE, R, K = 32, 128, 4, 4
@@ -43,13 +43,7 @@ def _make(arch: str, **kw) -> TrainingSAE:
 
 
 def _step(x: torch.Tensor, logging: bool = False) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=logging,
-    )
+    return train_step_input(x, D_SAE, logging)
 
 
 def _data(seed: int = 0) -> SparsePlusLowRank:

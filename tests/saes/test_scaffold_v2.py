@@ -15,7 +15,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_ext.metrics.pca import top_pca_basis
 from sae_ext.saes.scaffold import ScaffoldJumpReLUSAE
 from sae_ext.synthetic.lowrank import SparsePlusLowRank
-from sae_ext.testing import fit_on_stream
+from sae_ext.testing import fit_on_stream, train_step_input
 
 ARCHS = ["scaffold_batchtopk", "scaffold_matryoshka_batchtopk"]
 D_IN, D_SAE, R, K = 32, 128, 4, 4
@@ -37,13 +37,7 @@ def _make(arch: str, **kw) -> TrainingSAE:
 
 
 def _step(x: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+    return train_step_input(x, D_SAE)
 
 
 def _data(seed: int = 0, **kw) -> SparsePlusLowRank:
