@@ -57,7 +57,8 @@ class CachedActivationBatches(Iterator[torch.Tensor]):
 
     Positions whose token id is in ``exclude_token_ids`` are dropped once, up front (SPEC §8), so
     neither a training batch nor SAELens's norm estimate (which draws from this same iterator)
-    sees them. Every epoch is a fresh permutation of the kept positions (seeded); an epoch's
+    sees them. The kept activations live on ``device`` (the trainer's), so a GPU run indexes them
+    there instead of copying every batch from the host. Every epoch is a fresh permutation of the kept positions (seeded); an epoch's
     last partial batch is carried into the next one, so every batch has ``batch_size`` rows.
     """
 
@@ -71,6 +72,7 @@ class CachedActivationBatches(Iterator[torch.Tensor]):
         exclude_token_ids: Sequence[int] = (),
         max_tokens: int | None = None,
         seed: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -82,7 +84,7 @@ class CachedActivationBatches(Iterator[torch.Tensor]):
             raise ValueError(
                 f"{path} holds {acts.shape[0]} usable tokens at {hook_name}, fewer than one batch ({batch_size})"
             )
-        self.activations = acts
+        self.activations = acts.to(device)  # kept in the storage dtype; one copy on the training device
         self.batch_size = batch_size
         self._generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -102,4 +104,4 @@ class CachedActivationBatches(Iterator[torch.Tensor]):
             self._order = torch.cat([self._order, perm])
             self.epochs += 1
         idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        return self.activations[idx].float()
+        return self.activations[idx.to(self.activations.device)].float()

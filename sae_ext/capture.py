@@ -63,7 +63,9 @@ def check_hook_name(model: Any, hook_name: str) -> str:
 def hook_width(model: Any, hook_name: str, context_size: int = 4) -> int:
     """Width of the activation at ``hook_name`` (runs the model on a few tokens)."""
     check_hook_name(model, hook_name)
-    toks = torch.ones(1, context_size, dtype=torch.long)
+    from sae_ext.model_io import input_device
+
+    toks = torch.ones(1, context_size, dtype=torch.long, device=input_device(model))
     _, cache = model.run_with_cache(toks, names_filter=[hook_name])
     return int(cache[hook_name].shape[-1])
 
@@ -78,6 +80,7 @@ class ActivationCache:
     context_size: int
     n_tokens: int
     model_name: str
+    dtype: str = "float32"  # storage type
 
     @classmethod
     def load(cls, path: str | Path, hook_name: str | None = None) -> ActivationCache:
@@ -96,6 +99,7 @@ class ActivationCache:
         return cls(
             path=str(path), hook_name=hook_name, d_in=info["d_ins"][hook_name],
             context_size=info["context_size"], n_tokens=info["n_tokens"], model_name=info["model_name"],
+            dtype=info.get("dtype", "float32"),
         )
 
     def token_ids(self, max_tokens: int | None = None) -> torch.Tensor:
@@ -184,6 +188,8 @@ def capture_hooks(
             "token_ids": ArrowList(Value(dtype="int32"), length=context_size),
         }
     )
+    from sae_ext.model_io import input_device
+
     stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in hooks]
     stop_at_layer = None if any(s is None for s in stops) else max(s for s in stops if s is not None)
     tmp = out / ".shards"
@@ -202,11 +208,12 @@ def capture_hooks(
             v.clear()
 
     input_ids = torch.as_tensor(token_dataset[:n_rows]["input_ids"], dtype=torch.long)
+    device = input_device(model)  # a TransformerBridge does not move its inputs
     kwargs = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
     with torch.no_grad():
         for start in tqdm(range(0, n_rows, batch_size_prompts), desc=f"capture {len(hooks)} hook(s)", unit="batch"):
             toks = input_ids[start : start + batch_size_prompts]
-            _, cache = model.run_with_cache(toks, names_filter=hooks, prepend_bos=False, **kwargs)
+            _, cache = model.run_with_cache(toks.to(device), names_filter=hooks, prepend_bos=False, **kwargs)
             for h in hooks:
                 # float16 storage: go through float32 so bfloat16 models round once
                 shard[h].append(cache[h].detach().float().to(np_dtype).cpu())
@@ -286,6 +293,7 @@ def train_on_cache(
     dead_feature_window: int | None = None,
     n_checkpoints: int = 0,
     lr_schedule: bool = True,
+    device: str = "cpu",
     **runner_kwargs: Any,
 ) -> TrainingSAE:
     """Train one SAE on a stored capture with SAELens's ``SAETrainer`` under SPEC §8: special tokens
@@ -298,6 +306,7 @@ def train_on_cache(
     ``lr_warm_up_steps``, ``lr_decay_steps``, ``lr_end``, …) and trained by SAELens's trainer; the
     activations come from memory (:class:`sae_ext.cache_stream.CachedActivationBatches`, shuffled
     over the whole capture) instead of SAELens's cached-dataset reader, which is ~25× slower on CPU.
+    ``device`` is SAELens's training device (the stored activations are moved there once).
     ``model`` supplies the special ids; ``token_dataset`` is not read (kept for callers of the
     runner-based version). The SAE is saved to ``out_dir`` as the runner saves it (inference format,
     runner config, feature sparsity; loadable with ``SAE.load_from_disk`` after ``import sae_ext``).
@@ -328,7 +337,7 @@ def train_on_cache(
         lr=lr,
         seed=seed,
         n_batches_for_norm_estimate=n_batches_for_norm_estimate,
-        device="cpu",
+        device=device,
         logger=LoggingConfig(log_to_wandb=False),
         output_path=str(out),
         n_checkpoints=n_checkpoints,
@@ -346,7 +355,7 @@ def train_on_cache(
     excluded = cfg.exclude_special_tokens or []
     batches = CachedActivationBatches(
         cache.path, cache.hook_name, cache.context_size, cfg.train_batch_size_tokens,
-        exclude_token_ids=excluded, seed=seed,
+        exclude_token_ids=excluded, seed=seed, device=cfg.device,
     )
     torch.manual_seed(seed)
     sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict()).to_dict())

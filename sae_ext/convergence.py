@@ -74,13 +74,15 @@ class Convergence:
         return asdict(self)
 
 
-def run_convergence(out_dir: str | Path, x: torch.Tensor, tolerance: float = CONVERGENCE_TOLERANCE) -> Convergence:
+def run_convergence(
+    out_dir: str | Path, x: torch.Tensor, tolerance: float = CONVERGENCE_TOLERANCE, device: str = "cpu"
+) -> Convergence:
     """The convergence record of a :func:`train_with_half_budget` run saved at ``out_dir``,
-    measured on held-out activations ``x``."""
+    measured on held-out activations ``x`` (both SAEs loaded onto ``device``)."""
     half = Path(out_dir) / HALF_BUDGET_DIR
     if not (half / SAE_WEIGHTS_FILENAME).is_file():
         raise ValueError(f"{out_dir} holds no half-budget run ({half}); train it with train_with_half_budget")
     tokens = json.loads((half / PROTOCOL_FILE).read_text())["training_tokens"]
-    r2_half = heldout_r2(SAE.load_from_disk(half), x)
-    r2 = heldout_r2(SAE.load_from_disk(out_dir), x)
+    r2_half = heldout_r2(SAE.load_from_disk(half, device=device), x)
+    r2 = heldout_r2(SAE.load_from_disk(out_dir, device=device), x)
     return Convergence(tokens, r2_half, r2, is_converged(r2_half, r2, tolerance), tolerance)

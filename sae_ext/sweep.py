@@ -21,6 +21,9 @@ import itertools
 import json
 import math
 import time
+import traceback
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +129,14 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
                       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
         if bad_values:
             raise ValueError(f"{a.name}: knob values must be finite numbers >= 0 (a sparsity setting), got {bad_values}")
-        for v in a.values:  # build each config once now, so a bad value fails before any work
+        sae_cls = SAE_TRAINING_CLASS_REGISTRY[a.architecture][0]
+        for i, v in enumerate(a.values):  # build each config once now, so a bad value fails before any work
             try:
-                cfg_cls(d_in=d_in or a.d_sae, d_sae=a.d_sae, **{**a.config, a.knob: v})
+                cfg = cfg_cls(d_in=d_in or a.d_sae, d_sae=a.d_sae, **{**a.config, a.knob: v})
+                if i == 0:  # and one SAE: some architectures check their config only when built
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        sae_cls(cfg)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{a.name} with {a.knob}={v!r}: {e}") from None
     return grid
@@ -221,7 +229,7 @@ def run_dir(root: Path, key: dict[str, Any]) -> Path:
     return root / f"{key['line']}_{key['knob']}-{key['value']}_seed{key['seed']}_{digest}"
 
 
-def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float) -> dict[str, Any]:
+def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float, device: str = "cpu") -> dict[str, Any]:
     from sae_ext.eval_result import json_safe
 
     ev, dic = res.run_evals, res.dictionary
@@ -242,7 +250,284 @@ def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float) -> dict[st
         "bipolar_fraction": dic.bipolar_fraction,
         "mean_group_stable_rank": dic.mean_group_stable_rank,
         "train_seconds": seconds,
+        "device": device,
     })
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One run of a grid, with everything a worker process needs to train and evaluate it."""
+
+    grid: SweepGrid
+    arch: ArchSweep
+    value: float | int
+    seed: int
+    key: dict[str, Any]
+    run_dir: str
+    train_capture: str
+    eval_capture: str
+    eval_tokens: torch.Tensor  # [rows, context] held-out token ids for run_evals
+    special: list[int]
+    device: str
+
+
+#: Set in each worker process by :func:`_init_worker`: the model, and held-out activations by capture.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(model_loader: Callable[[], Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    import sae_ext  # noqa: F401  (registers the plugin architectures in the new process)
+
+    _WORKER["model"] = model_loader()
+
+
+def _heldout_activations(capture: str, hook: str, special: list[int], device: str) -> torch.Tensor:
+    """The held-out activations of ``capture`` at ``hook`` with special-token positions removed (cached per process)."""
+    from sae_ext.capture import ActivationCache
+
+    key = f"x_eval:{capture}:{hook}:{device}"
+    if key not in _WORKER:
+        cache = ActivationCache.load(capture, hook)
+        keep = ~torch.isin(cache.token_ids(), torch.tensor(special, dtype=torch.long))
+        _WORKER[key] = cache.activations()[keep].to(device)
+    return _WORKER[key]
+
+
+def _run_one(task: _Task, model: Any | None = None) -> dict[str, Any]:
+    """Train ``task``'s SAE and its half-budget twin, evaluate it, write its ``record.json``."""
+    from sae_lens import SAE
+    from sae_lens.registry import get_sae_training_class
+
+    from sae_ext.capture import ActivationCache
+    from sae_ext.convergence import run_convergence, train_with_half_budget
+    from sae_ext.evaluate import evaluate_sae
+
+    model = _WORKER["model"] if model is None else model
+    grid, arch, d = task.grid, task.arch, Path(task.run_dir)
+    cache = ActivationCache.load(task.train_capture, grid.hook)
+    cfg = get_sae_training_class(arch.architecture)[1](d_in=cache.d_in, d_sae=arch.d_sae,
+                                                       **{**arch.config, arch.knob: task.value})
+    t = time.perf_counter()
+    train_with_half_budget(cfg, cache, model, d, training_tokens=grid.tokens,
+                           train_batch_size_tokens=grid.batch_size, lr=grid.lr, seed=task.seed,
+                           exclude_special_tokens=task.special, device=task.device)
+    seconds = time.perf_counter() - t
+    x_eval = _heldout_activations(task.eval_capture, grid.hook, task.special, task.device)
+    conv = run_convergence(d, x_eval, device=task.device)
+    n_eval = min(grid.eval_tokens, task.eval_tokens.numel())
+    res = evaluate_sae(SAE.load_from_disk(d, device=task.device), model, task.eval_tokens, n_tokens=n_eval,
+                       splices=False, special_tokens=task.special, progress=False)
+    rec = _record(task.key, res, conv, seconds, _device_name(task.device))
+    (d / "record.json").write_text(json.dumps({"key": task.key, "record": rec}, indent=2))
+    return rec
+
+
+def _device_name(device: str) -> str:
+    """``device`` with the accelerator's name (``train_seconds`` means little without it)."""
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished record of ``task``: from its run folder, else from the grid's report (a record
+    holds its whole key), so a report committed from another machine resumes the grid too."""
+    done = Path(task.run_dir) / "record.json"
+    if done.exists():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == task.key:
+            return stored["record"]
+    key = json.loads(json.dumps(task.key))
+    return next((r for r in reported if all(r.get(k) == v for k, v in key.items())), None)
+
+
+def run_sweeps(
+    grids: list[SweepGrid],
+    model: Any,
+    train_rows: Any,
+    eval_rows: Any,
+    out_dir: str | Path,
+    results_dir: str | Path,
+    *,
+    special_tokens: list[int] | None = None,
+    model_name: str = "model",
+    device: str = "cpu",
+    workers: int = 1,
+    model_loader: Callable[[], Any] | None = None,
+    deadline_s: float | None = None,
+    capture_dtype: str = "float16",
+    capture_batch_size: int = 8,
+) -> dict[str, list[dict[str, Any]]]:
+    """Train and evaluate every run of ``grids`` (reusing finished ones) and write one report per grid.
+
+    The hooks are captured in one model pass under ``out_dir/captures/{train,eval}`` (stored as
+    ``capture_dtype``: float16 kept held-out R² within 0.001 of float32, RESULTS §0) and shared by
+    every grid; a later call needing another hook captures only that one. Runs live in
+    ``out_dir/<grid>/runs``. ``special_tokens`` (default: the model
+    tokenizer's special ids) are excluded from training, statistics and splices (SPEC §8). Runs of
+    different grids are interleaved (first value of every line of every grid, then the second …),
+    so a grid cut short by ``deadline_s`` (seconds after which no new run starts) still has every
+    line. ``workers > 1`` trains that many runs at once in worker processes, each holding its own
+    model from ``model_loader`` (a picklable callable, e.g. ``functools.partial(load_default_model,
+    device="cuda")``): one GPU is mostly idle under one small SAE. Returns the records per grid.
+    """
+    from tqdm.auto import tqdm
+
+    from sae_ext.capture import STORAGE_DTYPES, hook_width
+    from sae_ext.model_io import as_token_tensor
+    from sae_ext.protocol import resolve_special_tokens
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if workers > 1 and model_loader is None:
+        raise ValueError("workers > 1 needs model_loader: each worker process loads its own model")
+    if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise ValueError(f"deadline_s must be a finite number of seconds > 0, got {deadline_s!r}")
+    if not grids:
+        raise ValueError("no grids to run")
+    if capture_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"capture_dtype must be one of {sorted(STORAGE_DTYPES)}, got {capture_dtype!r}")
+    _positive_int("capture_batch_size", capture_batch_size)
+    names = [g.name for g in grids]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two grids share a name in {names}")
+    for grid in grids:
+        validate_grid(grid, d_in=hook_width(model, grid.hook))
+    if len({g.context_size for g in grids}) != 1:
+        raise ValueError(f"grids run together need one context_size, got {sorted({g.context_size for g in grids})}")
+    special = resolve_special_tokens(model, special_tokens if special_tokens is not None else True)
+    special = list(special or [])
+    started = time.monotonic()
+    out, results = Path(out_dir), Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_tokens = as_token_tensor(eval_rows)
+    eval_tokens = eval_tokens[: math.ceil(max(g.eval_tokens for g in grids) / eval_tokens.shape[1])]
+    hooks = list(dict.fromkeys(g.hook for g in grids))
+    cap_tokens = max(g.capture_tokens or len(train_rows) * g.context_size for g in grids)
+    kw = {"model_name": model_name, "dtype": capture_dtype, "batch_size_prompts": capture_batch_size}
+    context = grids[0].context_size
+    train_caps = _shared_captures(model, train_rows, hooks, out / "captures" / "train", cap_tokens, context, **kw)
+    eval_caps = _shared_captures(model, eval_rows, hooks, out / "captures" / "eval", len(eval_rows) * context,
+                                 context, **kw)
+    per_grid: list[list[_Task]] = []
+    for grid in grids:
+        cache, eval_cache = train_caps[grid.hook], eval_caps[grid.hook]
+        tasks = []
+        for arch, value, seed in grid.runs():
+            key = {**run_key(grid, arch, value, seed, cache.n_tokens), "capture_dtype": cache.dtype}
+            tasks.append(_Task(grid, arch, value, seed, key, str(run_dir(out / grid.name / "runs", key)), cache.path,
+                               eval_cache.path, eval_tokens, special, device))
+        per_grid.append(tasks)
+    order = [t for batch in itertools.zip_longest(*[_by_value_rank(ts) for ts in per_grid]) for ts in batch if ts
+             for t in ts]
+    records: dict[str, list[dict[str, Any]]] = {g.name: [] for g in grids}
+    reported = {g.name: _reported_runs(results / f"{g.name}.json") for g in grids}
+    todo = []
+    for task in order:
+        rec = _stored(task, reported[task.grid.name])
+        if rec is None:
+            todo.append(task)
+        else:
+            records[task.grid.name].append(rec)
+
+    failed: list[dict[str, Any]] = []
+
+    def finished(task: _Task, rec: dict[str, Any] | None, error: BaseException | None = None) -> None:
+        if error is not None:  # one broken run must not cost the rest of the grid
+            failed.append({**task.key, "error": f"{type(error).__name__}: {error}"})
+            print(f"run {task.arch.name} {task.arch.knob}={task.value} seed {task.seed} failed:\n"
+                  + "".join(traceback.format_exception(error)))
+        else:
+            records[task.grid.name].append(rec)
+        write_report(task.grid.name, records[task.grid.name], results,  # partial results survive a cut
+                     failed=[f for f in failed if f["line"] in {a.name for a in task.grid.archs}
+                             and f["hook"] == task.grid.hook])
+
+    def late() -> bool:
+        return deadline_s is not None and time.monotonic() - started > deadline_s
+
+    bar = tqdm(total=len(todo), desc=f"sweep {'+'.join(names)}", unit="run")
+    if workers == 1:
+        for task in todo:
+            if late():
+                break
+            try:
+                finished(task, _run_one(task, model))
+            except Exception as e:  # noqa: BLE001  (recorded in the report, the grid goes on)
+                finished(task, None, e)
+            bar.update()
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        threads = max(1, (torch.get_num_threads() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(model_loader, threads)) as pool:
+            queue, running = list(todo), {}
+            while queue or running:
+                while queue and len(running) < workers and not late():
+                    task = queue.pop(0)
+                    running[pool.submit(_run_one, task)] = task
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    task = running.pop(fut)
+                    error = fut.exception()
+                    finished(task, None if error else fut.result(), error)
+                    bar.update()
+    bar.close()
+    skipped = len(todo) - bar.n
+    if skipped:
+        print(f"deadline reached: {skipped} run(s) not started; run again to resume")
+    if failed:
+        print(f"{len(failed)} run(s) failed (listed under 'failed' in the reports); run again to retry them")
+    for grid in grids:
+        write_report(grid.name, records[grid.name], results,
+                     failed=[f for f in failed if f["line"] in {a.name for a in grid.archs} and f["hook"] == grid.hook])
+    return records
+
+
+def _reported_runs(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text()).get("runs", []))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def _shared_captures(model: Any, rows: Any, hooks: list[str], root: Path, n_tokens: int, context_size: int,
+                     **kwargs: Any) -> dict[str, Any]:
+    """One :class:`~sae_ext.capture.ActivationCache` per hook: reused from any capture under ``root``
+    that holds it (enough tokens, same model and context), the missing hooks captured together in
+    one model pass into a new folder ``root/<n>``."""
+    from sae_ext.capture import ActivationCache, capture_hooks
+
+    found: dict[str, ActivationCache] = {}
+    existing = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    for folder in existing:
+        for hook in hooks:
+            if hook in found:
+                continue
+            try:
+                cache = ActivationCache.load(folder, hook)
+            except (FileNotFoundError, ValueError):
+                continue
+            if (cache.model_name, cache.context_size) == (kwargs["model_name"], context_size) and cache.n_tokens >= n_tokens:
+                found[hook] = cache
+    missing = [h for h in hooks if h not in found]
+    if missing:
+        found.update(capture_hooks(model, rows, missing, root / str(len(existing)), n_tokens, **kwargs))
+    return found
+
+
+def _by_value_rank(tasks: list[_Task]) -> list[list[_Task]]:
+    """``tasks`` grouped by the rank of their knob value within their line: every line's first
+    value, then every line's second …, so an interleaved order covers every line early."""
+    ranks: dict[int, list[_Task]] = {}
+    for t in tasks:
+        ranks.setdefault(t.arch.values.index(t.value), []).append(t)
+    return [ranks[r] for r in sorted(ranks)]
 
 
 def run_sweep(
@@ -252,56 +537,10 @@ def run_sweep(
     eval_rows: Any,
     out_dir: str | Path,
     results_dir: str | Path,
-    *,
-    special_tokens: list[int] | None = None,
-    model_name: str = "model",
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every run of ``grid`` (reusing finished ones) and write the report.
-
-    ``special_tokens`` (default: the model tokenizer's special ids) are excluded from training,
-    statistics and splices (SPEC §8). Returns the records, one per run.
-    """
-    from sae_lens import SAE
-    from sae_lens.registry import get_sae_training_class
-    from tqdm.auto import tqdm
-
-    from sae_ext.capture import capture_activations, hook_width
-    from sae_ext.convergence import run_convergence, train_with_half_budget
-    from sae_ext.evaluate import evaluate_sae
-    from sae_ext.protocol import resolve_special_tokens
-
-    validate_grid(grid, d_in=hook_width(model, grid.hook))
-    special = resolve_special_tokens(model, special_tokens if special_tokens is not None else True)
-    out, results = Path(out_dir), Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cap_tokens = grid.capture_tokens or len(train_rows) * grid.context_size
-    cache = capture_activations(model, train_rows, grid.hook, out / "capture_train", cap_tokens, model_name=model_name)
-    eval_cache = capture_activations(model, eval_rows, grid.hook, out / "capture_eval", model_name=model_name)
-    x_eval = eval_cache.activations()[~torch.isin(eval_cache.token_ids(), torch.tensor(special or [], dtype=torch.long))]
-    records: list[dict[str, Any]] = []
-    for arch, value, seed in tqdm(grid.runs(), desc=f"sweep {grid.name}", unit="run"):
-        key = run_key(grid, arch, value, seed, cache.n_tokens)
-        d = run_dir(out / "runs", key)
-        done = d / "record.json"
-        if done.exists() and json.loads(done.read_text()).get("key") == key:
-            records.append(json.loads(done.read_text())["record"])
-            continue
-        cfg = get_sae_training_class(arch.architecture)[1](d_in=cache.d_in, d_sae=arch.d_sae,
-                                                           **{**arch.config, arch.knob: value})
-        t = time.perf_counter()
-        train_with_half_budget(cfg, cache, model, d, training_tokens=grid.tokens,
-                               train_batch_size_tokens=grid.batch_size, lr=grid.lr, seed=seed,
-                               exclude_special_tokens=special)
-        seconds = time.perf_counter() - t
-        conv = run_convergence(d, x_eval)
-        res = evaluate_sae(SAE.load_from_disk(d), model, eval_rows, n_tokens=min(grid.eval_tokens, len(eval_rows) * grid.context_size),
-                           splices=False, special_tokens=special, progress=False)
-        rec = _record(key, res, conv, seconds)
-        done.write_text(json.dumps({"key": key, "record": rec}, indent=2))
-        records.append(rec)
-        write_report(grid.name, records, results)  # partial results survive an interrupted grid
-    write_report(grid.name, records, results)
-    return records
+    """:func:`run_sweeps` for one grid; returns its records."""
+    return run_sweeps([grid], model, train_rows, eval_rows, out_dir, results_dir, **kwargs)[grid.name]
 
 
 # -------------------------------------------------------------------------------------- report
@@ -317,8 +556,11 @@ def _line(records: list[dict[str, Any]], line: str, metric: str) -> list[tuple[f
     return sorted(pts)
 
 
-def write_report(name: str, records: list[dict[str, Any]], results_dir: str | Path) -> dict[str, Path]:
-    """``<name>.json`` (records and matched-L0 gaps), ``<name>.md`` and one plot per curve metric."""
+def write_report(
+    name: str, records: list[dict[str, Any]], results_dir: str | Path, failed: list[dict[str, Any]] | None = None
+) -> dict[str, Path]:
+    """``<name>.json`` (records, matched-L0 gaps and the runs that failed with their error),
+    ``<name>.md`` and one plot per curve metric."""
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     lines = sorted({r["line"] for r in records})
@@ -330,7 +572,9 @@ def write_report(name: str, records: list[dict[str, Any]], results_dir: str | Pa
         }
         for metric in CURVE_METRICS
     }
-    (results / f"{name}.json").write_text(json.dumps({"runs": records, "matched_l0_gaps": gaps}, indent=2))
+    failed = failed or []
+    (results / f"{name}.json").write_text(
+        json.dumps({"runs": records, "matched_l0_gaps": gaps, "failed": failed}, indent=2))
     paths = {"json": results / f"{name}.json", "md": results / f"{name}.md"}
     cols = ["line", "knob", "value", "seed", "d_sae", "l0", "r2", "r2_half", "converged", "ce_loss_recovered",
             "kl_score", "dead_fraction", "dense_fraction", "bipolar_fraction", "mean_group_stable_rank"]
@@ -343,6 +587,9 @@ def write_report(name: str, records: list[dict[str, Any]], results_dir: str | Pa
           "at half and full budget; unconverged runs are kept here but left out of the curves and gaps).", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in sorted(records, key=lambda r: (r["line"], r["l0"] or 0))]
+    if failed:
+        md += ["", "## Failed runs (retried on the next call)", ""]
+        md += [f"- {f['line']} {f['knob']}={f['value']} seed {f['seed']}: {f['error']}" for f in failed]
     md += ["", "## Matched-L0 gaps (a − b, interpolated in log L0 over the overlap)", ""]
     for metric, pairs in gaps.items():
         for pair, g in pairs.items():
@@ -389,7 +636,9 @@ def plot_curves(records: list[dict[str, Any]], metric: str, label: str, path: Pa
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="grid file (.json/.toml/.yaml); or give --name/--hook/--arch")
+    p.add_argument("--config", action="append", default=[],
+                   help="grid file (.json/.toml/.yaml), repeatable: the grids run interleaved on shared "
+                        "captures; or give --name/--hook/--arch")
     p.add_argument("--name", help="grid name (results file name)")
     p.add_argument("--hook", help="TransformerLens hook, e.g. blocks.15.hook_mlp_out")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH:KNOB=V1,V2:d_sae=N",
@@ -399,28 +648,44 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--device", default="cpu", help="torch device of the model and the SAEs (cpu, cuda, cuda:1 …)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs trained at once, each in its own process with its own model copy (GPU: 8–12)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new run after this many seconds (the rest resumes next time)")
+    p.add_argument("--capture-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage type of the captured activations")
+    p.add_argument("--capture-batch", type=int, default=8, help="rows per model pass when capturing")
     p.add_argument("--out", default="sae_ext_out/sweeps", help="where captures and SAEs are kept (resume)")
     p.add_argument("--results", default="benchmarks/results/sweeps", help="where the report goes")
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``sae-ext sweep`` on the embedded SmolLM2 and its text."""
+    import functools
+
     if args.config:
-        grid = load_grid(args.config)
+        grids = [load_grid(c) for c in args.config]
     else:
         if not (args.name and args.hook and args.arch):
             raise ValueError("give --config FILE, or --name, --hook and at least one --arch")
-        grid = validate_grid(SweepGrid(
+        grids = [validate_grid(SweepGrid(
             name=args.name, hook=args.hook, archs=tuple(parse_arch_flag(a) for a in args.arch),
             seeds=tuple(args.seeds), tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
             eval_tokens=args.eval_tokens,
-        ))
+        ))]
     from sae_ext.data import default_token_dataset
     from sae_ext.models import DEFAULT_MODEL_NAME, load_default_model
 
-    model = load_default_model()
-    train = default_token_dataset(model.tokenizer, grid.context_size, n_tokens=grid.capture_tokens, split="train")
-    ev = default_token_dataset(model.tokenizer, grid.context_size, n_tokens=grid.eval_tokens, split="eval")
-    records = run_sweep(grid, model, train, ev, Path(args.out) / grid.name, args.results, model_name=DEFAULT_MODEL_NAME)
-    print(f"{len(records)} runs; report: {Path(args.results) / grid.name}.md")
+    model = load_default_model(device=args.device)
+    context = grids[0].context_size
+    capture = None if any(g.capture_tokens is None for g in grids) else max(g.capture_tokens for g in grids)
+    train = default_token_dataset(model.tokenizer, context, n_tokens=capture, split="train")
+    ev = default_token_dataset(model.tokenizer, context, n_tokens=max(g.eval_tokens for g in grids), split="eval")
+    records = run_sweeps(grids, model, train, ev, args.out, args.results, model_name=DEFAULT_MODEL_NAME,
+                         device=args.device, workers=args.workers, deadline_s=args.deadline_s,
+                         capture_dtype=args.capture_dtype, capture_batch_size=args.capture_batch,
+                         model_loader=functools.partial(load_default_model, device=args.device))
+    for name, recs in records.items():
+        print(f"{name}: {len(recs)} runs; report: {Path(args.results) / name}.md")
     return 0

@@ -27,6 +27,7 @@ def tiny_hooked_transformer(
     n_ctx: int = 32,
     seed: int = 0,
     cls: type[HookedTransformer] = HookedTransformer,
+    device: str = "cpu",
 ) -> HookedTransformer:
     """A randomly initialised attention+MLP transformer (no tokenizer).
 
@@ -43,7 +44,7 @@ def tiny_hooked_transformer(
         act_fn="gelu",
         normalization_type="LN",
         seed=seed,
-        device="cpu",
+        device=device,
     )
     model = cls(cfg)
     model.eval()
@@ -119,7 +120,7 @@ def fit_on_stream(
     return SAETrainer(cfg=cfg, sae=sae, data_provider=batches).fit()
 
 
-def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: int = 0) -> Any:
+def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: int = 0, device: str = "cpu") -> Any:
     """A randomly initialised GPT-2 booted as an ``SAETransformerBridge`` (TransformerBridge), offline.
 
     The tokenizer is an in-memory WordLevel tokenizer (``t1 t2 …``); ``name_or_path`` and
@@ -147,7 +148,7 @@ def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: i
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(cfg).eval()
-    bridge = SAEBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
+    hf = GPT2LMHeadModel(cfg).eval().to(device)  # boot_transformers leaves a given model where it is
+    bridge = SAEBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device=device)
     bridge.eval()
     return bridge

@@ -19,6 +19,7 @@ from sae_ext.sweep import (
     load_grid,
     parse_arch_flag,
     run_sweep,
+    run_sweeps,
     validate_grid,
 )
 from sae_ext.testing import tiny_hooked_transformer
@@ -66,9 +67,10 @@ def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch
     monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
     again = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
     assert again == records
-    # a changed setting is a different run: it is trained, not reused
-    with pytest.raises(AssertionError, match="trained again"):
-        run_sweep(_grid(lr=1e-3), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    # a changed setting is a different run: it is trained (here: fails in the patched trainer), not reused
+    assert run_sweep(_grid(lr=1e-3), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0]) == []
+    failed = json.loads((tmp_path / "res" / "tiny.json").read_text())["failed"]
+    assert len(failed) == 4 and all("trained again" in f["error"] for f in failed)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +162,145 @@ def test_shipped_grids_are_valid() -> None:
     for path in (Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"):
         grid = load_grid(path)
         assert grid.runs() and grid.hook.startswith("blocks.")
+
+
+def test_grids_share_captures_and_run_in_worker_processes(tmp_path: Path, monkeypatch) -> None:
+    import functools
+
+    model = tiny_hooked_transformer()
+    train, ev = _rows(48, 1), _rows(16, 2)
+    a = _grid(name="a", archs=(ArchSweep("topk", 64, "k", (2, 6)),))
+    b = _grid(name="b", archs=(ArchSweep("batchtopk", 64, "k", (3,)),))
+    records = run_sweeps([a, b], model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0],
+                         workers=2, model_loader=functools.partial(tiny_hooked_transformer))
+    assert [r["value"] for r in records["a"]] and sorted(r["value"] for r in records["a"]) == [2, 6]
+    assert [r["value"] for r in records["b"]] == [3]
+    assert sorted(r["l0"] for r in records["a"]) == [pytest.approx(2), pytest.approx(6)]
+    # one capture of the hook serves both grids; each grid has its own runs and report
+    assert [p.name for p in (tmp_path / "out" / "captures" / "train").iterdir()] == ["0"]
+    assert len(list((tmp_path / "out" / "a" / "runs").iterdir())) == 2
+    assert len(json.loads((tmp_path / "res" / "b.json").read_text())["runs"]) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
+    again = run_sweeps([a, b], model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert sorted(r["value"] for r in again["a"]) == [2, 6] and again["b"] == records["b"]
+
+
+def test_deadline_starts_no_new_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    clock = iter([0.0, *[1e6] * 100])
+    monkeypatch.setattr(sweep_mod.time, "monotonic", lambda: next(clock))
+    records = run_sweep(_grid(), tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2), tmp_path / "out",
+                        tmp_path / "res", special_tokens=[0], deadline_s=10.0)
+    assert records == []
+    assert "4 run(s) not started" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"workers": 0}, "workers must be a positive int"),
+        ({"workers": 2}, "needs model_loader"),
+        ({"deadline_s": -1.0}, "deadline_s"),
+        ({"capture_dtype": "bfloat16"}, "capture_dtype must be one of"),
+    ],
+)
+def test_bad_run_settings_fail_before_any_work(kwargs: dict, match: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        run_sweep(_grid(), tiny_hooked_transformer(), _rows(8, 1), _rows(4, 2), tmp_path / "out", tmp_path / "res",
+                  special_tokens=[0], **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_hook_is_captured_beside_the_stored_ones(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_hooked_transformer()
+    train, ev = _rows(48, 1), _rows(16, 2)
+    one = _grid(name="one", archs=(ArchSweep("topk", 64, "k", (2,)),))
+    run_sweep(one, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    calls: list[list[str]] = []
+    import sae_ext.capture as capture_mod
+
+    orig = capture_mod.capture_hooks
+
+    def spy(model, rows, hooks, *a, **k):
+        calls.append(list(hooks))
+        return orig(model, rows, hooks, *a, **k)
+
+    monkeypatch.setattr(capture_mod, "capture_hooks", spy)
+    two = _grid(name="two", hook="blocks.1.hook_resid_post", archs=(ArchSweep("topk", 64, "k", (2,)),))
+    run_sweeps([one, two], model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert calls == [["blocks.1.hook_resid_post"], ["blocks.1.hook_resid_post"]]  # train and eval, new hook only
+    assert sorted(p.name for p in (tmp_path / "out" / "captures" / "train").iterdir()) == ["0", "1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sweep_on_cuda_with_worker_processes(tmp_path: Path) -> None:
+    import functools
+
+    model = tiny_hooked_transformer(device="cuda")
+    a = _grid(name="a", archs=(ArchSweep("topk", 64, "k", (2, 6)), ArchSweep("sign_aware_gated", 32, "l0_coefficient", (1.0,))))
+    b = _grid(name="b", hook="blocks.1.hook_resid_post", archs=(ArchSweep("sasa_batchtopk", 64, "n_active_groups", (2,)),))
+    records = run_sweeps([a, b], model, _rows(48, 1), _rows(16, 2), tmp_path / "out", tmp_path / "res",
+                         special_tokens=[0], device="cuda", workers=2,
+                         model_loader=functools.partial(tiny_hooked_transformer, device="cuda"))
+    assert len(records["a"]) == 3 and len(records["b"]) == 1
+    for r in [*records["a"], *records["b"]]:
+        assert r["l0"] > 0 and math.isfinite(r["r2"]) and r["ce_loss_recovered"] is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sweep_on_cuda_with_a_transformer_bridge(tmp_path: Path) -> None:
+    """A TransformerBridge does not move its inputs to its device: capture, training and evaluation must."""
+    import functools
+
+    from sae_ext.testing import tiny_bridge
+
+    model = tiny_bridge(device="cuda")
+    grid = _grid(name="bridge", hook="blocks.0.hook_resid_post",
+                 archs=(ArchSweep("topk", 64, "k", (2,)), ArchSweep("scaffold_batchtopk", 64, "k", (4,))))
+    records = run_sweep(grid, model, _rows(48, 1), _rows(16, 2), tmp_path / "out", tmp_path / "res",
+                        device="cuda", workers=2, model_loader=functools.partial(tiny_bridge, device="cuda"))
+    assert len(records) == 2
+    assert all(r["l0"] > 0 and math.isfinite(r["r2"]) and r["ce_loss_recovered"] is not None for r in records)
+
+
+def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path: Path, monkeypatch) -> None:
+    real = sweep_mod._run_one
+
+    def flaky(task, model=None):
+        if task.value == 2 and task.arch.architecture == "topk":
+            raise RuntimeError("boom")
+        return real(task, model)
+
+    monkeypatch.setattr(sweep_mod, "_run_one", flaky)
+    records = run_sweep(_grid(), tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2), tmp_path / "out",
+                        tmp_path / "res", special_tokens=[0])
+    assert sorted((r["line"], r["value"]) for r in records) == [("batchtopk", 2), ("batchtopk", 6), ("topk", 6)]
+    report = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert [(f["line"], f["value"], f["error"]) for f in report["failed"]] == [("topk", 2, "RuntimeError: boom")]
+    assert "topk k=2 seed 0: RuntimeError: boom" in (tmp_path / "res" / "tiny.md").read_text()
+    assert all(r["device"] == "cpu" for r in records)
+
+
+def test_architecture_checks_run_before_any_work(tmp_path: Path) -> None:
+    """SAELens's matryoshka config accepts empty widths and fails only when the SAE is built."""
+    grid = _grid(archs=(ArchSweep("matryoshka_batchtopk", 64, "k", (2,)),))
+    with pytest.raises(ValueError, match="matryoshka_batchtopk with k=2: .*matryoshka_widths"):
+        run_sweep(grid, tiny_hooked_transformer(), _rows(8, 1), _rows(4, 2), tmp_path / "out", tmp_path / "res",
+                  special_tokens=[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_committed_report_resumes_the_grid(tmp_path: Path, monkeypatch) -> None:
+    """Records carry their whole key: a report from another machine counts as finished runs."""
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    records = run_sweep(_grid(), model, train, ev, tmp_path / "gpu_out", tmp_path / "res", special_tokens=[0])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a reported run was trained again")
+
+    monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
+    again = run_sweep(_grid(), model, train, ev, tmp_path / "fresh_out", tmp_path / "res", special_tokens=[0])
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, records))
