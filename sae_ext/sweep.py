@@ -358,6 +358,7 @@ def run_sweeps(
     deadline_s: float | None = None,
     capture_dtype: str = "float16",
     capture_batch_size: int = 8,
+    only: list[str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every run of ``grids`` (reusing finished ones) and write one report per grid.
 
@@ -370,7 +371,8 @@ def run_sweeps(
     so a grid cut short by ``deadline_s`` (seconds after which no new run starts) still has every
     line. ``workers > 1`` trains that many runs at once in worker processes, each holding its own
     model from ``model_loader`` (a picklable callable, e.g. ``functools.partial(load_default_model,
-    device="cuda")``): one GPU is mostly idle under one small SAE. Returns the records per grid.
+    device="cuda")``): one GPU is mostly idle under one small SAE. ``only`` names the lines to
+    train (the other lines' finished runs stay in the reports). Returns the records per grid.
     """
     from tqdm.auto import tqdm
 
@@ -394,6 +396,9 @@ def run_sweeps(
         raise ValueError(f"two grids share a name in {names}")
     for grid in grids:
         validate_grid(grid, d_in=hook_width(model, grid.hook))
+    all_lines = sorted({a.name for g in grids for a in g.archs})
+    if only is not None and (not only or set(only) - set(all_lines)):
+        raise ValueError(f"only must name lines of the grids, got {only!r}; the lines: {all_lines}")
     if len({g.context_size for g in grids}) != 1:
         raise ValueError(f"grids run together need one context_size, got {sorted({g.context_size for g in grids})}")
     special = resolve_special_tokens(model, special_tokens if special_tokens is not None else True)
@@ -427,7 +432,8 @@ def run_sweeps(
     for task in order:
         rec = _stored(task, reported[task.grid.name])
         if rec is None:
-            todo.append(task)
+            if only is None or task.arch.name in only:
+                todo.append(task)
         else:
             records[task.grid.name].append(rec)
 
@@ -651,6 +657,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the model and the SAEs (cpu, cuda, cuda:1 …)")
     p.add_argument("--workers", type=int, default=1,
                    help="runs trained at once, each in its own process with its own model copy (GPU: 8–12)")
+    p.add_argument("--only", nargs="+", default=None, metavar="LINE",
+                   help="train only these lines (labels) of the grids; the others' finished runs stay in the reports")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new run after this many seconds (the rest resumes next time)")
     p.add_argument("--capture-dtype", default="float16", choices=["float16", "float32"],
@@ -684,7 +692,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     ev = default_token_dataset(model.tokenizer, context, n_tokens=max(g.eval_tokens for g in grids), split="eval")
     records = run_sweeps(grids, model, train, ev, args.out, args.results, model_name=DEFAULT_MODEL_NAME,
                          device=args.device, workers=args.workers, deadline_s=args.deadline_s,
-                         capture_dtype=args.capture_dtype, capture_batch_size=args.capture_batch,
+                         capture_dtype=args.capture_dtype, capture_batch_size=args.capture_batch, only=args.only,
                          model_loader=functools.partial(load_default_model, device=args.device))
     for name, recs in records.items():
         print(f"{name}: {len(recs)} runs; report: {Path(args.results) / name}.md")

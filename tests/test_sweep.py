@@ -304,3 +304,23 @@ def test_a_committed_report_resumes_the_grid(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
     again = run_sweep(_grid(), model, train, ev, tmp_path / "fresh_out", tmp_path / "res", special_tokens=[0])
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, records))
+
+
+def test_only_trains_the_named_lines_and_keeps_the_others(tmp_path: Path, monkeypatch) -> None:
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    first = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0], only=["topk"])
+    assert sorted((r["line"], r["value"]) for r in first) == [("topk", 2), ("topk", 6)]
+    trained: list[str] = []
+    real = sweep_mod._run_one
+
+    def counting(task, model=None):
+        trained.append(task.arch.name)
+        return real(task, model)
+
+    monkeypatch.setattr(sweep_mod, "_run_one", counting)
+    both = run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0],
+                     only=["batchtopk"])
+    assert trained == ["batchtopk", "batchtopk"] and len(both) == 4
+    assert len(json.loads((tmp_path / "res" / "tiny.json").read_text())["runs"]) == 4
+    with pytest.raises(ValueError, match="only must name lines"):
+        run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0], only=["nope"])
