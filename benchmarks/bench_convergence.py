@@ -205,15 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     train_caches, eval_caches, model = captures(args)
     results_path = RESULTS / f"{args.tag}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
-    special = torch.tensor(special_token_ids(model), dtype=torch.long)
+    special = special_token_ids(model)
     # rung by rung over the whole grid, so every cell has its first convergence check before any
     # cell gets its most expensive rung (the grid spans sessions; finished runs are reused)
     grid = [(h, a, b) for b in sorted(args.budgets) for h in args.hooks for a in args.archs]
     x_eval: dict[str, torch.Tensor] = {}
     for hook, arch, tokens in tqdm(grid, desc="convergence runs"):
         if hook not in x_eval:
-            ev = eval_caches[hook]
-            x_eval[hook] = ev.activations()[~torch.isin(ev.token_ids(), special)]
+            x_eval[hook] = eval_caches[hook].kept_activations(special)
         res = run_one(hook, arch, tokens, args, train_caches[hook], x_eval[hook], model)
         key = (hook, arch, tokens)
         results = [r for r in results if (r["args"]["hook"], r["args"]["arch"], r["args"]["tokens"]) != key] + [res]

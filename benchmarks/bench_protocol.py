@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from bench_convergence import KNOBS, sae_config  # same SAE settings as the convergence table
 from sae_lens import SAE
 from tqdm.auto import tqdm
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     train16 = ActivationCache.load(f16_path, HOOK) if f16_path.exists() else convert_capture(train, f16_path, "float16")
     ev = ActivationCache.load(base / "eval_128", HOOK)
     special = special_token_ids(model)
-    x_eval = ev.activations()[~torch.isin(ev.token_ids(), torch.tensor(special, dtype=torch.long))]
+    x_eval = ev.kept_activations(special)
     eval_rows = default_token_dataset(model.tokenizer, 128, n_tokens=args.eval_tokens, split="eval")
     stored = RESULTS / "protocol_before_after.json"
     results: list[dict[str, Any]] = json.loads(stored.read_text()) if stored.exists() else []

@@ -71,9 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     train_caches, eval_caches, model = captures(args)
-    special = torch.tensor(special_token_ids(model), dtype=torch.long)
-    ev = eval_caches[args.hook]
-    x_eval = ev.activations()[~torch.isin(ev.token_ids(), special)]
+    x_eval = eval_caches[args.hook].kept_activations(special_token_ids(model))
     results = []
     for line, arch, d_sae, extra in LINES:
         for batch in args.batch_sizes:

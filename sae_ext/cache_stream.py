@@ -58,8 +58,9 @@ class CachedActivationBatches(Iterator[torch.Tensor]):
     Positions whose token id is in ``exclude_token_ids`` are dropped once, up front (SPEC §8), so
     neither a training batch nor SAELens's norm estimate (which draws from this same iterator)
     sees them. The kept activations live on ``device`` (the trainer's), so a GPU run indexes them
-    there instead of copying every batch from the host. Every epoch is a fresh permutation of the kept positions (seeded); an epoch's
-    last partial batch is carried into the next one, so every batch has ``batch_size`` rows.
+    there instead of copying every batch from the host. Every epoch is a fresh permutation of the
+    kept positions (seeded); an epoch's last partial batch is carried into the next one, so every
+    batch has ``batch_size`` rows.
     """
 
     def __init__(

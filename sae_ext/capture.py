@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sae_ext.cache_stream import CachedActivationBatches, read_cached_column
+from sae_ext.model_io import input_device, resolve_hook_name
 from sae_ext.protocol import apply_protocol
 
 CACHE_INFO = "sae_ext_cache.json"
@@ -54,8 +55,6 @@ PROTOCOL_FILE = "sae_ext_protocol.json"
 def check_hook_name(model: Any, hook_name: str) -> str:
     """Return ``hook_name`` if the model accepts it (bridge aliases included), else raise a
     ``ValueError`` listing the closest valid names."""
-    from sae_ext.model_io import resolve_hook_name
-
     resolve_hook_name(model, hook_name)
     return hook_name
 
@@ -63,8 +62,6 @@ def check_hook_name(model: Any, hook_name: str) -> str:
 def hook_width(model: Any, hook_name: str, context_size: int = 4) -> int:
     """Width of the activation at ``hook_name`` (runs the model on a few tokens)."""
     check_hook_name(model, hook_name)
-    from sae_ext.model_io import input_device
-
     toks = torch.ones(1, context_size, dtype=torch.long, device=input_device(model))
     _, cache = model.run_with_cache(toks, names_filter=[hook_name])
     return int(cache[hook_name].shape[-1])
@@ -109,6 +106,14 @@ class ActivationCache:
     def activations(self, max_tokens: int | None = None) -> torch.Tensor:
         """The stored activations as one float32 ``[n_tokens, d_in]`` tensor."""
         return read_cached_column(self.path, self.hook_name, self.context_size, max_tokens).float()
+
+    def kept_activations(self, exclude_token_ids: Sequence[int]) -> torch.Tensor:
+        """The stored float32 activations at positions whose token id is not in
+        ``exclude_token_ids`` (SPEC §8: special tokens enter no statistic), ``[n_kept, d_in]``."""
+        ids = torch.as_tensor(list(exclude_token_ids), dtype=torch.long)
+        if ids.ndim != 1 or bool((ids < 0).any()):
+            raise ValueError(f"exclude_token_ids must be token ids >= 0, got {list(exclude_token_ids)!r}")
+        return self.activations()[~torch.isin(self.token_ids(), ids)]
 
 
 def _storage_dtype(dtype: str) -> torch.dtype:
@@ -188,8 +193,6 @@ def capture_hooks(
             "token_ids": ArrowList(Value(dtype="int32"), length=context_size),
         }
     )
-    from sae_ext.model_io import input_device
-
     stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in hooks]
     stop_at_layer = None if any(s is None for s in stops) else max(s for s in stops if s is not None)
     tmp = out / ".shards"

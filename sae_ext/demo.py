@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from sae_lens import SAE
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAEConfig
@@ -276,7 +275,7 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         model, eval_ds, args.hook, capture_dir(acts_dir / "eval", args.hook, args.context_size, len(eval_ds)),
         model_name=DEFAULT_MODEL_NAME,
     )
-    x_eval = eval_cache.activations()[~torch.isin(eval_cache.token_ids(), torch.tensor(special_token_ids(model), dtype=torch.long))]
+    x_eval = eval_cache.kept_activations(special_token_ids(model))
     phases["tokenize + capture"] = time.perf_counter() - t
 
     rows: list[dict[str, Any]] = []

@@ -288,9 +288,7 @@ def _heldout_activations(capture: str, hook: str, special: list[int], device: st
 
     key = f"x_eval:{capture}:{hook}:{device}"
     if key not in _WORKER:
-        cache = ActivationCache.load(capture, hook)
-        keep = ~torch.isin(cache.token_ids(), torch.tensor(special, dtype=torch.long))
-        _WORKER[key] = cache.activations()[keep].to(device)
+        _WORKER[key] = ActivationCache.load(capture, hook).kept_activations(special).to(device)
     return _WORKER[key]
 
 
@@ -380,6 +378,10 @@ def run_sweeps(
     from sae_ext.model_io import as_token_tensor
     from sae_ext.protocol import resolve_special_tokens
 
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if workers > 1 and model_loader is None:
@@ -437,18 +439,17 @@ def run_sweeps(
         else:
             records[task.grid.name].append(rec)
 
-    failed: list[dict[str, Any]] = []
+    failed: dict[str, list[dict[str, Any]]] = {g.name: [] for g in grids}
 
     def finished(task: _Task, rec: dict[str, Any] | None, error: BaseException | None = None) -> None:
+        name = task.grid.name
         if error is not None:  # one broken run must not cost the rest of the grid
-            failed.append({**task.key, "error": f"{type(error).__name__}: {error}"})
+            failed[name].append({**task.key, "error": f"{type(error).__name__}: {error}"})
             print(f"run {task.arch.name} {task.arch.knob}={task.value} seed {task.seed} failed:\n"
                   + "".join(traceback.format_exception(error)))
         else:
-            records[task.grid.name].append(rec)
-        write_report(task.grid.name, records[task.grid.name], results,  # partial results survive a cut
-                     failed=[f for f in failed if f["line"] in {a.name for a in task.grid.archs}
-                             and f["hook"] == task.grid.hook])
+            records[name].append(rec)
+        write_report(name, records[name], results, failed=failed[name])  # partial results survive a cut
 
     def late() -> bool:
         return deadline_s is not None and time.monotonic() - started > deadline_s
@@ -487,11 +488,11 @@ def run_sweeps(
     skipped = len(todo) - bar.n
     if skipped:
         print(f"deadline reached: {skipped} run(s) not started; run again to resume")
-    if failed:
-        print(f"{len(failed)} run(s) failed (listed under 'failed' in the reports); run again to retry them")
+    n_failed = sum(map(len, failed.values()))
+    if n_failed:
+        print(f"{n_failed} run(s) failed (listed under 'failed' in the reports); run again to retry them")
     for grid in grids:
-        write_report(grid.name, records[grid.name], results,
-                     failed=[f for f in failed if f["line"] in {a.name for a in grid.archs} and f["hook"] == grid.hook])
+        write_report(grid.name, records[grid.name], results, failed=failed[grid.name])
     return records
 
 

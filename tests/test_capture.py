@@ -59,3 +59,16 @@ def test_train_on_cache_rejects_wrong_d_in(tiny_model, token_dataset, tmp_path: 
     cache = capture_activations(tiny_model, token_dataset, HOOK, tmp_path / "c", n_tokens=256)
     with pytest.raises(ValueError, match="d_in"):
         train_on_cache(small_training_config("batchtopk", d_in=16, d_sae=64), cache, tiny_model, token_dataset, tmp_path / "s")
+
+
+def test_kept_activations_drop_the_excluded_token_ids(tiny_model, token_dataset, tmp_path: Path) -> None:
+    cache = capture_activations(tiny_model, token_dataset, HOOK, tmp_path / "c", n_tokens=512)
+    ids, acts = cache.token_ids(), cache.activations()
+    drop = sorted({int(ids[0]), int(ids[5])})
+    kept = cache.kept_activations(drop)
+    mask = ~torch.isin(ids, torch.tensor(drop))
+    assert kept.shape == (int(mask.sum()), acts.shape[1]) and kept.shape[0] < acts.shape[0]
+    assert torch.equal(kept, acts[mask])
+    assert torch.equal(cache.kept_activations([]), acts)
+    with pytest.raises(ValueError, match="token ids >= 0"):
+        cache.kept_activations([-1])

@@ -205,6 +205,8 @@ def test_deadline_starts_no_new_run(tmp_path: Path, monkeypatch, capsys) -> None
         ({"workers": 2}, "needs model_loader"),
         ({"deadline_s": -1.0}, "deadline_s"),
         ({"capture_dtype": "bfloat16"}, "capture_dtype must be one of"),
+        ({"capture_batch_size": 0}, "capture_batch_size"),
+        ({"device": "gpu7"}, "device must be a torch device"),
     ],
 )
 def test_bad_run_settings_fail_before_any_work(kwargs: dict, match: str, tmp_path: Path) -> None:
