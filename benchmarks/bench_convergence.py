@@ -11,6 +11,10 @@ non-special tokens.
 
     python benchmarks/bench_convergence.py                      # 4 hooks × topk/batchtopk/gated/jumprelu
     python benchmarks/bench_convergence.py --hooks blocks.15.hook_mlp_out --archs topk --budgets 250000 500000
+    python benchmarks/bench_convergence.py --hooks blocks.15.hook_resid_mid --archs jumprelu --batch-size 256 \
+        --budgets 500000 1000000 2000000    # linear thresholds need steps, not tokens
+    python benchmarks/bench_convergence.py --hooks blocks.15.hook_resid_mid \
+        --archs sign_aware_gated@H scaffold_batchtopk sasa   # the demo's plugin entries, as the demo builds them
 
 Runs resume: a run whose ``result.json`` holds the same arguments is reused, so the grid can span
 sessions; ``benchmarks/results/convergence.{json,md}`` are rewritten after every run.
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 import sae_ext  # noqa: F401  (registers the plugin architectures)
 from sae_ext.capture import ActivationCache, capture_hooks, train_on_cache
 from sae_ext.convergence import heldout_r2
+from sae_ext.demo import DemoEntry, demo_entries
 from sae_ext.metrics.dense import dense_fraction, firing_counts
 from sae_ext.model_io import special_token_ids
 from sae_ext.perf import retain_freed_memory
@@ -46,12 +51,22 @@ KNOBS = {"topk": "k", "batchtopk": "k", "gated": "l1_coefficient", "jumprelu": "
 #: default 0.01 a 250-step run cannot sparsify it (measured: L0 1123 of 1152 at λ₀ = 2). 0.2 is
 #: about where random-init pre-activations (‖W_enc col‖ = 0.1, normalised inputs) fire for ~3 %.
 JUMPRELU_SETTINGS = {"jumprelu_sparsity_loss_mode": "quadratic", "jumprelu_init_threshold": 0.2}
+#: The demo's plugin entries exactly as ``sae-ext demo`` builds them at its defaults (width H = d_sae / 2),
+#: so that every SAE of the demo has a converged reference here (issue 15 item 5); the value is the
+#: config field recorded as the entry's knob.
+DEMO_LINES: dict[str, tuple[DemoEntry, str]] = {
+    e.name: (e, {"sign_aware_gated": "l0_coefficient", "sasa": "n_active_groups"}.get(e.architecture, "k"))
+    for e in demo_entries()
+    if e.architecture not in KNOBS
+}
+ARCHS = [*KNOBS, *DEMO_LINES]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hooks", nargs="+", default=HOOKS)
-    p.add_argument("--archs", nargs="+", default=list(KNOBS), choices=list(KNOBS))
+    p.add_argument("--archs", nargs="+", default=list(KNOBS), choices=ARCHS,
+                   help="SAELens baselines (default) and the demo's plugin entries")
     p.add_argument("--d-sae", type=int, default=1152)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1-coefficient", type=float, default=10.0, help="gated λ (normalised inputs)")
@@ -105,6 +120,11 @@ def heldout_metrics(sae: SAE[Any], x: torch.Tensor, batch: int = 4096) -> dict[s
 
 
 def sae_config(arch: str, d_in: int, args: argparse.Namespace) -> tuple[Any, str, float]:
+    """The training config of ``arch`` (a SAELens baseline or a demo entry), its knob and the knob's value."""
+    if arch in DEMO_LINES:
+        entry, knob = DEMO_LINES[arch]
+        cfg = entry.config(d_in, args.d_sae // 2)
+        return cfg, knob, getattr(cfg, knob)
     knob = KNOBS[arch]
     value = {"k": args.k, "l1_coefficient": args.l1_coefficient, "target_l0": args.target_l0}[knob]
     extra = JUMPRELU_SETTINGS if arch == "jumprelu" else {}
@@ -116,12 +136,15 @@ def sae_config(arch: str, d_in: int, args: argparse.Namespace) -> tuple[Any, str
 
 def run_one(hook: str, arch: str, tokens: int, args: argparse.Namespace, train: ActivationCache,
             x_eval: torch.Tensor, model: Any) -> dict[str, Any]:
-    out = Path(args.runs) / hook.replace(".", "_") / arch / str(tokens)
+    batch_tag = "" if args.batch_size == 1024 else f"_b{args.batch_size}"
+    out = Path(args.runs) / hook.replace(".", "_") / arch.replace("@", "_at_") / f"{tokens}{batch_tag}"
     cfg, knob, value = sae_config(arch, train.d_in, args)
     sched = lr_schedule(tokens, args.batch_size)  # what train_on_cache applies; recorded in the key
-    key = {"hook": hook, "arch": arch, "d_sae": args.d_sae, "knob": knob, "value": value, "tokens": tokens,
+    key = {"hook": hook, "arch": arch, "d_sae": cfg.d_sae, "knob": knob, "value": value, "tokens": tokens,
            "batch_size": args.batch_size, "lr": args.lr, **sched, "seed": args.seed,
            "storage_dtype": args.storage_dtype, "train_tokens_captured": train.n_tokens}
+    if arch in DEMO_LINES:
+        key["config"] = DEMO_LINES[arch][0].kwargs
     done = out / "result.json"
     if done.exists():
         stored = json.loads(done.read_text())
@@ -136,11 +159,16 @@ def run_one(hook: str, arch: str, tokens: int, args: argparse.Namespace, train: 
     return result
 
 
-def ladder(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Runs grouped by (hook, arch), sorted by budget, each with its convergence against B/2."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def run_key(r: dict[str, Any]) -> tuple[str, str, int]:
+    """What one ladder is: the same hook, line and batch size (steps, not tokens, move thresholds)."""
+    return r["args"]["hook"], r["args"]["arch"], r["args"]["batch_size"]
+
+
+def ladder(results: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """Runs grouped by (hook, arch, batch size), sorted by budget, each with its convergence against B/2."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["args"]["hook"], r["args"]["arch"]), []).append(r)
+        groups.setdefault(run_key(r), []).append(r)
     for runs in groups.values():
         runs.sort(key=lambda r: r["args"]["tokens"])
         by_tokens = {r["args"]["tokens"]: r for r in runs}
@@ -154,9 +182,9 @@ def ladder(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str
 #: What the table cannot say by itself (measured with it; see benchmarks/RESULTS.md §0).
 NOTES = [
     "- `jumprelu` (SAELens, quadratic L0 loss at `target_l0` 32, initial threshold 0.2) stays dense at",
-    "  0.25 M tokens (L0 1053 of 1152; with λ₀ 2 in `step` mode and the 0.01 default threshold, L0 1123):",
-    "  its threshold is a linear parameter that Adam moves by ~lr per step, so ~250 steps cannot carry it",
-    "  to the pre-activations' scale. Its higher rungs were not run.",
+    "  0.25 M tokens of batch 1024 (L0 1053 of 1152): its threshold is a linear parameter that Adam moves",
+    "  by ~lr per step, so ~250 steps cannot carry it to the pre-activations' scale. Its ladder therefore",
+    "  runs at batch 256 (4× the steps per token), where L0 settles at 35–40 from 0.5 M tokens on.",
     "- `gated` at a fixed λ keeps lowering its L0 as the budget grows (`hook_mlp_out`: 32 → 15 → 7), so",
     "  its `conv.` compares SAEs at different L0 and is not a converged operating point.",
     "- `train s` is wall time on 2 shared cores (early rungs ran beside other processes): not a speed figure.",
@@ -170,7 +198,8 @@ def write_report(results: list[dict[str, Any]], tag: str) -> None:
     lines = [
         "# Convergence of SAELens baselines on SmolLM2 under SPEC §8",
         "",
-        "SmolLM2-135M, block 15, d_sae 1152, batch 1024, Adam 1e-3 with SAELens's warm-up (1 % of steps) and",
+        "SmolLM2-135M, block 15, d_sae 1152 (the demo's SA-GSAE@H: 576), batch 1024 unless the table says",
+        "otherwise, Adam 1e-3 with SAELens's warm-up (1 % of steps) and",
         "linear decay to lr/10 (last 20 %); special tokens out of training and evaluation; dead window 10 % of",
         "the steps. Held-out R² (SAELens's explained variance), L0, dead and dense (> 10 % of tokens) on 32k",
         "non-special eval tokens. Every budget is its own run with its own decay, so the run at B/2 is the",
@@ -179,20 +208,20 @@ def write_report(results: list[dict[str, Any]], tag: str) -> None:
         "",
         *NOTES,
         "",
-        "| hook | arch | knob | tokens | R² | R²(B/2) | conv. | L0 | dead | dense | train s |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| hook | arch | knob | batch | tokens | R² | R²(B/2) | conv. | L0 | dead | dense | train s |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    def order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
-        (hook, arch), _ = item
-        return (HOOKS.index(hook) if hook in HOOKS else len(HOOKS), list(KNOBS).index(arch))
+    def order(item: tuple[tuple[str, str, int], Any]) -> tuple[int, int, int]:
+        (hook, arch, batch), _ = item
+        return (HOOKS.index(hook) if hook in HOOKS else len(HOOKS), ARCHS.index(arch), batch)
 
-    for (hook, arch), runs in sorted(groups.items(), key=order):
+    for (hook, arch, _), runs in sorted(groups.items(), key=order):
         for r in runs:
             a = r["args"]
             half = "–" if r["r2_half"] is None else f"{r['r2_half']:.3f}"
             conv = "–" if r["converged"] is None else ("yes" if r["converged"] else "no")
             lines.append(
-                f"| {hook.split('.')[-1]} | {arch} | {a['knob']} {a['value']} | {a['tokens'] / 1e6:.2f}M | "
+                f"| {hook.split('.')[-1]} | {arch} | {a['knob']} {a['value']} | {a['batch_size']} | {a['tokens'] / 1e6:.2f}M | "
                 f"{r['r2']:.3f} | {half} | {conv} | {r['l0']:.1f} | {r['dead_fraction']:.3f} | "
                 f"{r['dense_fraction']:.3f} | {r['train_seconds']:.0f} |"
             )
@@ -214,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         if hook not in x_eval:
             x_eval[hook] = eval_caches[hook].kept_activations(special)
         res = run_one(hook, arch, tokens, args, train_caches[hook], x_eval[hook], model)
-        key = (hook, arch, tokens)
-        results = [r for r in results if (r["args"]["hook"], r["args"]["arch"], r["args"]["tokens"]) != key] + [res]
+        results = [r for r in results if (*run_key(r), r["args"]["tokens"]) != (*run_key(res), tokens)] + [res]
         write_report(results, args.tag)
 
 

@@ -34,6 +34,19 @@ LR_WARM_UP_FRACTION = 0.01
 LR_DECAY_FRACTION = 0.2
 #: Held-out R² change between half and full budget below which a run counts as converged.
 CONVERGENCE_TOLERANCE = 0.01
+#: Default training tokens by the hook's kind (its name's last part), at batch 1024 and d_sae 1152,
+#: from the measured convergence table (``benchmarks/results/convergence.md``): residual streams
+#: converge by 1 M tokens (TopK, BatchTopK, JumpReLU), so 2 M leaves a margin; ``attn_out`` and
+#: ``mlp_out`` do not converge by 2 M (TopK gains per doubling 0.033 → 0.027 → 0.018 and
+#: 0.035 → 0.024 → 0.019; at `mlp_out` +0.011 from 4 to 8 M on an H200), so they get 8 M. A hook of
+#: another kind gets the slowest of them.
+DEFAULT_TRAINING_TOKENS = {
+    "hook_resid_pre": 2_000_000,
+    "hook_resid_mid": 2_000_000,
+    "hook_resid_post": 2_000_000,
+    "hook_attn_out": 8_000_000,
+    "hook_mlp_out": 8_000_000,
+}
 
 
 def resolve_special_tokens(model: Any, exclude: bool | list[int]) -> list[int] | bool:
@@ -121,6 +134,13 @@ def apply_protocol(
         window, steps, cfg.lr_warm_up_steps, cfg.lr_decay_steps, cfg.exclude_special_tokens,
     )
     return cfg
+
+
+def default_training_tokens(hook: str) -> int:
+    """SPEC §8's default budget at ``hook`` (:data:`DEFAULT_TRAINING_TOKENS` by the name's last part)."""
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"hook must be a hook name such as 'blocks.15.hook_mlp_out', got {hook!r}")
+    return DEFAULT_TRAINING_TOKENS.get(hook.rsplit(".", 1)[-1], max(DEFAULT_TRAINING_TOKENS.values()))
 
 
 def is_converged(r2_half: float, r2_full: float, tolerance: float = CONVERGENCE_TOLERANCE) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from sae_ext.metrics.curves import matched_gap, pareto_front
-from sae_ext.protocol import LR_DECAY_FRACTION, LR_WARM_UP_FRACTION
+from sae_ext.protocol import LR_DECAY_FRACTION, LR_WARM_UP_FRACTION, default_training_tokens
 
 #: The record fields plotted against L0.
 CURVE_METRICS = {"r2": "explained variance R²", "ce_loss_recovered": "CE loss recovered"}
@@ -62,12 +62,16 @@ class SweepGrid:
     hook: str
     archs: tuple[ArchSweep, ...]
     seeds: tuple[int, ...] = (0,)
-    tokens: int = 3_000_000
+    tokens: int | None = None  # None: SPEC §8's measured budget for the hook's kind (set on creation)
     batch_size: int = 1024
     lr: float = 1e-3
     context_size: int = 128
     capture_tokens: int | None = None  # None: the whole train split
     eval_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:  # SPEC §8's measured budget for this kind of hook
+            object.__setattr__(self, "tokens", default_training_tokens(self.hook))
 
     def runs(self) -> list[tuple[ArchSweep, float | int, int]]:
         """Every (line, knob value, seed) of the grid, in order."""
@@ -651,7 +655,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", action="append", default=[], metavar="ARCH:KNOB=V1,V2:d_sae=N",
                    help="one line of the grid, repeatable; e.g. topk:k=16,32,64:d_sae=1152")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--tokens", type=int, default=3_000_000, help="training tokens per SAE (SPEC §8)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="training tokens per SAE (default: SPEC §8's measured budget for the hook's kind, "
+                        "sae_ext.protocol.DEFAULT_TRAINING_TOKENS: 2 M at residual hooks, 8 M at attn_out and mlp_out)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-tokens", type=int, default=8192)

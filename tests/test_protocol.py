@@ -20,6 +20,7 @@ from sae_ext.model_io import special_token_ids
 from sae_ext.protocol import (
     apply_protocol,
     dead_feature_window,
+    default_training_tokens,
     is_converged,
     lr_schedule,
     resolve_special_tokens,
@@ -204,6 +205,16 @@ def test_convergence_criterion() -> None:
         is_converged(float("nan"), 0.5)
     with pytest.raises(ValueError, match="tolerance"):
         is_converged(0.5, 0.5, tolerance=0)
+
+
+def test_default_training_tokens_by_hook_kind() -> None:
+    assert default_training_tokens("blocks.15.hook_resid_mid") == default_training_tokens("blocks.3.hook_resid_post")
+    assert default_training_tokens("blocks.15.hook_resid_mid") < default_training_tokens("blocks.15.hook_attn_out")
+    assert default_training_tokens("blocks.15.hook_resid_mid") < default_training_tokens("blocks.15.hook_mlp_out")
+    # a kind the table never measured gets the slowest measured budget
+    assert default_training_tokens("blocks.0.attn.hook_z") == default_training_tokens("blocks.15.hook_mlp_out")
+    with pytest.raises(ValueError, match="hook name"):
+        default_training_tokens("")
 
 
 def test_sae_ext_train_applies_the_protocol_unless_flags_say_otherwise() -> None:

@@ -12,6 +12,7 @@ from datasets import Dataset
 
 import sae_ext.sweep as sweep_mod
 from sae_ext.metrics.curves import matched_gap, pareto_front
+from sae_ext.protocol import default_training_tokens
 from sae_ext.sweep import (
     ArchSweep,
     SweepGrid,
@@ -111,6 +112,10 @@ def test_grid_files(tmp_path: Path) -> None:
     grids = [load_grid(tmp_path / f) for f in ("g.json", "g.toml", "g.yaml")]
     assert grids[0] == grids[1] == grids[2]
     assert len(grids[0].runs()) == 2 * 2 + 2 * 1
+    # no `tokens`: the protocol's measured budget for the hook's kind; an explicit one is kept
+    assert grids[0].tokens == default_training_tokens(HOOK)
+    assert grid_from_dict({**spec, "hook": "blocks.0.hook_mlp_out"}).tokens == 8_000_000
+    assert grid_from_dict({**spec, "tokens": 4096}).tokens == 4096
     with pytest.raises(ValueError, match="unknown sweep settings"):
         grid_from_dict({**spec, "budget": 3})
     with pytest.raises(ValueError, match="needs 'architecture'"):
