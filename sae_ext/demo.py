@@ -201,8 +201,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=200_000,
                    help="training tokens per SAE (default 200k: demo-scale; at the default hook it reaches "
                         "≥ 0.9 of converged R², benchmarks/results/demo_reference.md)")
-    p.add_argument("--capture-tokens", type=int, default=48_000,
-                   help="activations captured once and reused by every SAE (default 48k)")
+    p.add_argument("--capture-tokens", type=int, default=64_000,
+                   help="activations captured once and reused by every SAE (default 64k)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the evaluation")
     p.add_argument("--full-eval", action="store_true",
                    help="also the dark-matter CE splices, error-node and scaffold ablations (more model passes)")
