@@ -16,8 +16,8 @@ non-special tokens.
     python benchmarks/bench_convergence.py --hooks blocks.15.hook_resid_mid \
         --archs sign_aware_gated@H scaffold_batchtopk sasa   # the demo's plugin entries, as the demo builds them
 
-Runs resume: a run whose ``result.json`` holds the same arguments is reused, so the grid can span
-sessions; ``benchmarks/results/convergence.{json,md}`` are rewritten after every run.
+Runs resume: a run whose ``result.json`` (or record in the committed results JSON) holds the same
+arguments is reused, so the grid can span sessions and machines; ``benchmarks/results/convergence.{json,md}`` are rewritten after every run.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def sae_config(arch: str, d_in: int, args: argparse.Namespace) -> tuple[Any, str
 
 
 def run_one(hook: str, arch: str, tokens: int, args: argparse.Namespace, train: ActivationCache,
-            x_eval: torch.Tensor, model: Any) -> dict[str, Any]:
+            x_eval: torch.Tensor, model: Any, committed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train and measure one rung, unless a finished run with the same key exists: its ``result.json``
+    under ``--runs``, or a record of the committed results (so a fresh machine resumes too)."""
     batch_tag = "" if args.batch_size == 1024 else f"_b{args.batch_size}"
     out = Path(args.runs) / hook.replace(".", "_") / arch.replace("@", "_at_") / f"{tokens}{batch_tag}"
     cfg, knob, value = sae_config(arch, train.d_in, args)
@@ -148,6 +150,9 @@ def run_one(hook: str, arch: str, tokens: int, args: argparse.Namespace, train: 
     done = out / "result.json"
     if done.exists():
         stored = json.loads(done.read_text())
+        if stored["args"] == key:
+            return stored
+    for stored in committed or []:
         if stored["args"] == key:
             return stored
     t = time.perf_counter()
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     for hook, arch, tokens in tqdm(grid, desc="convergence runs"):
         if hook not in x_eval:
             x_eval[hook] = eval_caches[hook].kept_activations(special)
-        res = run_one(hook, arch, tokens, args, train_caches[hook], x_eval[hook], model)
+        res = run_one(hook, arch, tokens, args, train_caches[hook], x_eval[hook], model, results)
         results = [r for r in results if (*run_key(r), r["args"]["tokens"]) != (*run_key(res), tokens)] + [res]
         write_report(results, args.tag)
 

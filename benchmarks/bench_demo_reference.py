@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import sae_ext  # noqa: F401  (registers the plugin architectures)
 from sae_ext.demo import demo_entries
+from sae_ext.eval_report import fmt
 from sae_ext.model_io import special_token_ids
 
 #: Issue 15 item 5: every demo SAE reaches this share of its converged held-out R².
@@ -90,10 +91,6 @@ def compare(report: dict[str, Any], results: list[dict[str, Any]], evaluated: di
     return rows
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def write_report(rows: list[dict[str, Any]], report: dict[str, Any], tag: str) -> None:
     (RESULTS / f"{tag}.json").write_text(json.dumps({"hook": report["hook"], "demo_args": report["args"],
                                                      "target_share": TARGET_SHARE, "rows": rows}, indent=2))
@@ -117,8 +114,7 @@ def write_report(rows: list[dict[str, Any]], report: dict[str, Any], tag: str) -
         else:
             ref = f"{r['ref_tokens'] / 1e6:.2f}M" + ("" if r["ref_converged"] else " (not converged)")
         lines.append(f"| {r['name']} | {r['knob']} | {r['demo_r2']:.3f} | {r['demo_l0']:.1f} | "
-                     f"{r['demo_dead']:.3f} | {ref} | {fmt(r['ref_r2'], '.3f')} | {fmt(r['ref_l0'], '.1f')} | "
-                     f"{fmt(r['share'], '.3f')} |")
+                     f"{r['demo_dead']:.3f} | {ref} | {fmt(r['ref_r2'])} | {fmt(r['ref_l0'])} | {fmt(r['share'])} |")
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -36,7 +36,7 @@ LR_DECAY_FRACTION = 0.2
 CONVERGENCE_TOLERANCE = 0.01
 #: Default training tokens by the hook's kind (its name's last part), at batch 1024 and d_sae 1152,
 #: from the measured convergence table (``benchmarks/results/convergence.md``): residual streams
-#: converge by 1 M tokens (TopK, BatchTopK, JumpReLU), so 2 M leaves a margin; ``attn_out`` and
+#: converge by about 1 M tokens (TopK, JumpReLU; BatchTopK +0.011 at `resid_post`), so 2 M leaves a margin; ``attn_out`` and
 #: ``mlp_out`` do not converge by 2 M (TopK gains per doubling 0.033 → 0.027 → 0.018 and
 #: 0.035 → 0.024 → 0.019; at `mlp_out` +0.011 from 4 to 8 M on an H200), so they get 8 M. A hook of
 #: another kind gets the slowest of them.
