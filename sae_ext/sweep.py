@@ -48,6 +48,8 @@ class ArchSweep:
     config: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] | None = None  # None: the grid's seeds
     label: str | None = None  # the line's name (default: the architecture)
+    batch_size: int | None = None  # None: the grid's (a threshold line may need more, smaller steps)
+    tokens: int | None = None  # None: the grid's budget
 
     @property
     def name(self) -> str:
@@ -129,6 +131,9 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
         if not a.values:
             raise ValueError(f"{a.name}: no values for its knob {a.knob!r}")
         _positive_int(f"{a.name}: d_sae", a.d_sae)
+        for name in ("batch_size", "tokens"):
+            if getattr(a, name) is not None:
+                _positive_int(f"{a.name}: {name}", getattr(a, name))
         bad_values = [v for v in a.values
                       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
         if bad_values:
@@ -220,8 +225,9 @@ def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, cap
     """Everything that decides a run's result; a stored run is reused only when this matches."""
     return {
         "hook": grid.hook, "architecture": arch.architecture, "line": arch.name, "d_sae": arch.d_sae,
-        "knob": arch.knob, "value": value, "config": arch.config, "seed": seed, "tokens": grid.tokens,
-        "batch_size": grid.batch_size, "lr": grid.lr, "context_size": grid.context_size,
+        "knob": arch.knob, "value": value, "config": arch.config, "seed": seed,
+        "tokens": arch.tokens or grid.tokens, "batch_size": arch.batch_size or grid.batch_size,
+        "lr": grid.lr, "context_size": grid.context_size,
         "captured_tokens": captured_tokens, "eval_tokens": grid.eval_tokens,
         # the protocol's lr schedule and the separate half-budget run (v1 runs: constant lr, checkpoint)
         "lr_schedule": [LR_WARM_UP_FRACTION, LR_DECAY_FRACTION], "half_budget": "run",
@@ -311,8 +317,8 @@ def _run_one(task: _Task, model: Any | None = None) -> dict[str, Any]:
     cfg = get_sae_training_class(arch.architecture)[1](d_in=cache.d_in, d_sae=arch.d_sae,
                                                        **{**arch.config, arch.knob: task.value})
     t = time.perf_counter()
-    train_with_half_budget(cfg, cache, model, d, training_tokens=grid.tokens,
-                           train_batch_size_tokens=grid.batch_size, lr=grid.lr, seed=task.seed,
+    train_with_half_budget(cfg, cache, model, d, training_tokens=task.key["tokens"],
+                           train_batch_size_tokens=task.key["batch_size"], lr=grid.lr, seed=task.seed,
                            exclude_special_tokens=task.special, device=task.device)
     seconds = time.perf_counter() - t
     x_eval = _heldout_activations(task.eval_capture, grid.hook, task.special, task.device)

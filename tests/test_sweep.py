@@ -85,6 +85,8 @@ def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch
         (_grid(archs=(ArchSweep("topk", 64, "k", (-3,)),)), "finite numbers >= 0"),
         (_grid(archs=(ArchSweep("sasa", 64, "n_active_groups", (2,), config={"group_rank": 5}),)), "n_active_groups=2"),
         (_grid(tokens=0), "tokens"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", (2,), batch_size=0),)), "topk: batch_size must be a positive int"),
+        (_grid(archs=(ArchSweep("topk", 64, "k", (2,), tokens=-5),)), "topk: tokens must be a positive int"),
         (_grid(archs=(ArchSweep("topk", 64, "k", (2,)), ArchSweep("topk", 32, "k", (2,)))), "share a name"),
     ],
 )
@@ -125,6 +127,25 @@ def test_grid_files(tmp_path: Path) -> None:
         load_grid(tmp_path / "g.txt")
     with pytest.raises(FileNotFoundError):
         load_grid(tmp_path / "missing.json")
+
+
+def test_a_line_can_set_its_own_batch_and_budget(tmp_path: Path, monkeypatch) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def record_settings(*a, training_tokens: int, train_batch_size_tokens: int, **k):
+        seen.append((training_tokens, train_batch_size_tokens))
+        raise RuntimeError("stop after the settings are seen")
+
+    monkeypatch.setattr("sae_ext.convergence.train_with_half_budget", record_settings)
+    grid = _grid(archs=(ArchSweep("topk", 64, "k", (2,)), ArchSweep("batchtopk", 64, "k", (2,), batch_size=32, tokens=512)))
+    run_sweep(grid, tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2), tmp_path / "out", tmp_path / "res",
+              special_tokens=[0])
+    assert sorted(seen) == [(512, 32), (1024, 64)]  # the grid's 1024 tokens at batch 64 for the other line
+    # lines without their own settings keep the keys (and so the stored runs) they had before
+    key = sweep_mod.run_key(grid, grid.archs[0], 2, 0, 768)
+    assert (key["tokens"], key["batch_size"]) == (1024, 64)
+    assert grid_from_dict({"name": "g", "hook": HOOK, "archs": [
+        {"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2], "batch_size": 256}]}).archs[0].batch_size == 256
 
 
 def test_arch_flag() -> None:

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "accumulate_sign_counts",
     "bipolar_fraction",
+    "bipolar_fraction_by_frequency",
     "bipolar_mask",
     "dead_fraction",
     "positive_share",
@@ -93,6 +94,33 @@ def bipolar_fraction(
     n_alive = ((pos + neg) > 0).sum().double()
     n_bipolar = bipolar_mask(pos, neg, min_share).sum().double()
     return n_bipolar / n_alive if n_alive > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def bipolar_fraction_by_frequency(
+    pos_counts_or_acts: torch.Tensor,
+    neg_counts: torch.Tensor | None = None,
+    n_bins: int = 10,
+    min_share: float = MIN_SIGN_SHARE,
+) -> torch.Tensor:
+    """Bipolar fraction within each firing-frequency bin of the alive latents, most frequent first.
+
+    The alive latents are sorted by how often they fire (either sign) and cut into ``n_bins``
+    near-equal bins; entry ``i`` is the share of bin ``i``'s latents that are bipolar. It says where
+    the bipolar latents sit: SPEC §1 expects the latents that carry an anticorrelated pair to fire
+    on both features' tokens, so more often than one-sided latents. Returns ``[n_bins]`` float64;
+    NaN for a bin with no latent (fewer alive latents than bins).
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    pos, neg = _counts(pos_counts_or_acts, neg_counts)
+    bipolar = bipolar_mask(pos, neg, min_share).flatten()
+    total = (pos + neg).flatten()
+    alive = torch.nonzero(total > 0).flatten()
+    order = alive[torch.argsort(total[alive], descending=True, stable=True)]
+    return torch.stack([
+        bipolar[b].double().mean() if b.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+        for b in torch.tensor_split(order, n_bins)
+    ])
 
 
 def dead_fraction(

@@ -10,6 +10,7 @@ import torch
 from sae_ext.metrics.sign import (
     accumulate_sign_counts,
     bipolar_fraction,
+    bipolar_fraction_by_frequency,
     bipolar_mask,
     dead_fraction,
     positive_share,
@@ -101,6 +102,21 @@ def test_min_share_is_a_parameter(acts: torch.Tensor) -> None:
     ]
     with pytest.raises(ValueError, match="min_share"):
         bipolar_fraction(acts, min_share=0.6)
+
+
+def test_bipolar_fraction_by_frequency() -> None:
+    # latents 0-1 fire most and are bipolar, 2-3 fire less and are one-sided, 4 is dead
+    pos = torch.tensor([50, 40, 30, 20, 0])
+    neg = torch.tensor([50, 40, 0, 0, 0])
+    by_bin = bipolar_fraction_by_frequency(pos, neg, n_bins=2)
+    assert by_bin.tolist() == [1.0, 0.0]
+    # reversed frequencies put the bipolar latents last
+    assert bipolar_fraction_by_frequency(torch.tensor([5, 6, 70, 80]), torch.tensor([5, 6, 0, 0]), n_bins=2).tolist() == [0.0, 1.0]
+    # its bins average back to the overall fraction when they are equal
+    assert by_bin.mean().item() == pytest.approx(bipolar_fraction(pos, neg).item())
+    assert torch.isnan(bipolar_fraction_by_frequency(pos, neg, n_bins=6)[-1])
+    with pytest.raises(ValueError, match="n_bins must be a positive int, got 0"):
+        bipolar_fraction_by_frequency(pos, neg, n_bins=0)
 
 
 def test_dead_fraction(acts: torch.Tensor) -> None:
