@@ -29,6 +29,7 @@ from sae_ext.model_io import special_token_ids
 
 RESULTS = Path(__file__).parent / "results"
 HOOKS = ("resid_mid", "mlp_out", "attn_out", "resid_post")
+FACTOR = 10.0  # massive: ‖x‖ > FACTOR × the median norm (25,000 vs ~165 at resid_mid: far above)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--captures", default="sae_ext_out/captures", help="holds train_128/ and eval_128/ (bench_convergence)")
     p.add_argument("--sweeps", default="sae_ext_out/sweeps", help="the sweeps' --out folder")
     p.add_argument("--grids", nargs="*", default=[], help="sweep names whose saved SAEs to re-read")
-    p.add_argument("--factor", type=float, default=10.0, help="massive: ‖x‖ > factor × median ‖x‖")
+    p.add_argument("--factor", type=float, default=FACTOR, help="massive: ‖x‖ > factor × median ‖x‖")
     p.add_argument("--tag", default="massive_tokens")
     args = p.parse_args(argv)
     if not args.factor > 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_massive_tokens import FACTOR, massive_mask
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
@@ -39,6 +40,7 @@ RESULTS = Path(__file__).parent / "results"
 HOOKS = ("resid_mid", "mlp_out", "attn_out")
 N_BINS = 10
 CONTEXT = 10  # tokens shown before the firing position
+MAX_EXAMPLE_RATE = 0.05  # the example latent fires on fewer tokens than this (dense latents are hard to read)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,12 +104,17 @@ def bipolar_stats(acts: torch.Tensor) -> dict[str, Any]:
 
 def example_contexts(acts: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, context: int, tokenizer: Any,
                      top: int) -> dict[str, Any]:
-    """The most balanced frequent bipolar latent and its top ``top`` contexts of each sign."""
+    """A balanced, frequent but not dense bipolar latent and its top ``top`` contexts of each sign.
+
+    ``acts`` holds the codes of the positions where ``keep`` is True, without the massive-norm tokens
+    (``bench_massive_tokens.py``), whose codes are hundreds of times larger than any other's.
+    """
     pos, neg = accumulate_sign_counts(acts)
     total = pos + neg
-    bip = bipolar_mask(pos, neg)
+    rate = total.double() / len(acts)
+    bip = bipolar_mask(pos, neg) & (rate < MAX_EXAMPLE_RATE)
     balance = torch.minimum(pos, neg).double() / total.clamp(min=1)
-    score = torch.where(bip, total.double() * balance, torch.tensor(-1.0, dtype=torch.float64))
+    score = torch.where(bip, rate.sqrt() * balance, torch.tensor(-1.0, dtype=torch.float64))
     latent = int(score.argmax())
     positions = torch.nonzero(keep).flatten()  # row of `acts` → position in the capture
     v = acts[:, latent]
@@ -153,7 +160,8 @@ def write_report(results: dict[str, Any], tag: str) -> None:
         lines += ["", f"## Example: latent {ex['latent']} at `{ex['hook']}` (λ₀ {fmt(ex['value'])}, L0 {fmt(ex['l0'])})",
                   "", f"Fires {ex['positive_firings']} times positive and {ex['negative_firings']} times negative "
                   "on the held-out tokens. The firing token is in **bold**, after up to "
-                  f"{CONTEXT} tokens of its context.", ""]
+                  f"{CONTEXT} tokens of its context; the few non-special tokens with attention-sink norms "
+                  "(`massive_tokens.md`) are left out of this example.", ""]
         for sign in ("positive", "negative"):
             lines += [f"Top {sign}:", ""]
             lines += [f"- {c['activation']:+.3f}: `{c['before'][-60:]!r}` **{c['token']!r}**" for c in ex[f"top_{sign}"]]
@@ -180,13 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         ids = cache.token_ids()
         keep = ~torch.isin(ids, torch.tensor(special))
         x = cache.activations()[keep]
+        typical = ~massive_mask(x, FACTOR)  # statistics keep them (SPEC §8); the example does not
         rows = []
         for rec, d in tqdm(runs, desc=hook):
             acts = encode(SAE.load_from_disk(str(d)), x)
             rows.append({k: rec[k] for k in ("value", "l0", "r2", "converged")} | {"stats": bipolar_stats(acts)})
             gap = abs(torch.log(torch.tensor(rec["l0"] / args.example_l0)).item())
             if hook_kind == args.hooks[0] and (best is None or gap < best[0]):
-                best = (gap, (rec, acts, ids, keep, cache.context_size, hook))
+                shown_keep = keep.clone()
+                shown_keep[keep] = typical
+                best = (gap, (rec, acts[typical], ids, shown_keep, cache.context_size, hook))
         results["hooks"][hook_kind] = rows
     if best is not None:
         rec, acts, ids, keep, ctx, hook = best[1]
