@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import sae_ext  # noqa: F401  (registers the plugin architectures)
 from sae_ext.capture import ActivationCache
 from sae_ext.eval_report import fmt
+from sae_ext.metrics.curves import matched_gap, value_at_l0
 from sae_ext.model_io import special_token_ids
 
 RESULTS = Path(__file__).parent / "results"
@@ -95,6 +96,31 @@ def reread(sweeps: Path, grid: str, x: torch.Tensor, m: torch.Tensor) -> list[di
     return sorted(rows, key=lambda r: (r["line"], r["l0"]))
 
 
+def compare(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """Matched-L0 readings of ``metric`` between the lines of one sweep (converged runs only):
+    the mean gap over the overlap for two curves, the gap at its own L0 for a one-point line."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["converged"]:
+            lines.setdefault(r["line"], []).append((r["l0"], r[metric]))
+    curves = {k: sorted(v) for k, v in lines.items() if len(v) >= 2}
+    out = []
+    for a, pa in curves.items():
+        for b, pb in curves.items():
+            gap = matched_gap(pa, pb) if a < b else None
+            if gap:
+                out.append(f"- {a} − {b}: mean {gap['mean_gap']:+.4f} (min {gap['min_gap']:+.4f}, max {gap['max_gap']:+.4f}) "
+                           f"over L0 {gap['l0_low']:.3g}–{gap['l0_high']:.3g}")
+    for a, pa in lines.items():
+        if len(pa) != 1:
+            continue
+        for b, pb in curves.items():
+            ref = value_at_l0([x for x, _ in pb], [y for _, y in pb], pa[0][0])
+            if ref == ref:  # inside b's L0 range
+                out.append(f"- {a} (L0 {pa[0][0]:.3g}) − {b} at the same L0: {pa[0][1] - ref:+.4f}")
+    return out
+
+
 def write_report(res: dict[str, Any], tag: str) -> None:
     (RESULTS / f"{tag}.json").write_text(json.dumps(res, indent=2))
     f = res["args"]["factor"]
@@ -118,6 +144,10 @@ def write_report(res: dict[str, Any], tag: str) -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['line']} | {fmt(r['value'])} | {fmt(r['l0'])} | {fmt(r['r2'])} | {fmt(r['r2_all'])} | "
                   f"{fmt(r['r2_typical'])} | {fmt(r['massive_rel_error'])} | {fmt(r['ce_loss_recovered'])} |" for r in rows]
+        for metric, name in (("r2_typical", "R² without the massive tokens"), ("r2_all", "R² with them"),
+                             ("ce_loss_recovered", "CE loss recovered")):
+            lines += ["", f"Matched-L0 differences, {name} (converged runs; log-L0 interpolation):", ""]
+            lines += compare(rows, metric) or ["- none: no two converged curves overlap"]
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
 
