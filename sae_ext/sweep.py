@@ -346,8 +346,12 @@ def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | Non
         stored = json.loads(done.read_text())
         if stored.get("key") == task.key:
             return stored["record"]
-    key = json.loads(json.dumps(task.key))
-    return next((r for r in reported if all(r.get(k) == v for k, v in key.items())), None)
+    return next((r for r in reported if _matches(task.key, r)), None)
+
+
+def _matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``record`` (as stored in a report) was made with exactly ``key``."""
+    return all(record.get(k) == v for k, v in json.loads(json.dumps(key)).items())
 
 
 def run_sweeps(
@@ -440,6 +444,10 @@ def run_sweeps(
              for t in ts]
     records: dict[str, list[dict[str, Any]]] = {g.name: [] for g in grids}
     reported = {g.name: _reported_runs(results / f"{g.name}.json") for g in grids}
+    # reported runs no task of this call matches (another capture dtype, budget, knob value …) stay in
+    # the report, apart from the curves, so a call with other settings never deletes finished results
+    others = {g.name: [r for r in reported[g.name] if not any(_matches(t.key, r) for t in ts)]
+              for g, ts in zip(grids, per_grid)}
     todo = []
     for task in order:
         rec = _stored(task, reported[task.grid.name])
@@ -459,7 +467,7 @@ def run_sweeps(
                   + "".join(traceback.format_exception(error)))
         else:
             records[name].append(rec)
-        write_report(name, records[name], results, failed=failed[name])  # partial results survive a cut
+        write_report(name, records[name], results, failed=failed[name], other_runs=others[name])  # survives a cut
 
     def late() -> bool:
         return deadline_s is not None and time.monotonic() - started > deadline_s
@@ -502,13 +510,16 @@ def run_sweeps(
     if n_failed:
         print(f"{n_failed} run(s) failed (listed under 'failed' in the reports); run again to retry them")
     for grid in grids:
-        write_report(grid.name, records[grid.name], results, failed=failed[grid.name])
+        write_report(grid.name, records[grid.name], results, failed=failed[grid.name], other_runs=others[grid.name])
+        if others[grid.name]:
+            print(f"{grid.name}: {len(others[grid.name])} reported run(s) of other settings kept apart from the curves")
     return records
 
 
 def _reported_runs(path: Path) -> list[dict[str, Any]]:
     try:
-        return list(json.loads(path.read_text()).get("runs", []))
+        report = json.loads(path.read_text())
+        return list(report.get("runs", [])) + list(report.get("other_runs", []))
     except (FileNotFoundError, json.JSONDecodeError):
         return []
 
@@ -574,9 +585,11 @@ def _line(records: list[dict[str, Any]], line: str, metric: str) -> list[tuple[f
 
 
 def write_report(
-    name: str, records: list[dict[str, Any]], results_dir: str | Path, failed: list[dict[str, Any]] | None = None
+    name: str, records: list[dict[str, Any]], results_dir: str | Path, failed: list[dict[str, Any]] | None = None,
+    other_runs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """``<name>.json`` (records, matched-L0 gaps and the runs that failed with their error),
+    """``<name>.json`` (records, matched-L0 gaps, the runs that failed with their error, and
+    ``other_runs``: stored records of settings the grid no longer has, kept out of the curves),
     ``<name>.md`` and one plot per curve metric."""
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
@@ -589,9 +602,11 @@ def write_report(
         }
         for metric in CURVE_METRICS
     }
-    failed = failed or []
-    (results / f"{name}.json").write_text(
-        json.dumps({"runs": records, "matched_l0_gaps": gaps, "failed": failed}, indent=2))
+    failed, other_runs = failed or [], other_runs or []
+    report = {"runs": records, "matched_l0_gaps": gaps, "failed": failed}
+    if other_runs:
+        report["other_runs"] = other_runs
+    (results / f"{name}.json").write_text(json.dumps(report, indent=2))
     paths = {"json": results / f"{name}.json", "md": results / f"{name}.md"}
     cols = ["line", "knob", "value", "seed", "d_sae", "l0", "r2", "r2_half", "converged", "ce_loss_recovered",
             "kl_score", "dead_fraction", "dense_fraction", "bipolar_fraction", "mean_group_stable_rank"]
@@ -607,6 +622,10 @@ def write_report(
     if failed:
         md += ["", "## Failed runs (retried on the next call)", ""]
         md += [f"- {f['line']} {f['knob']}={f['value']} seed {f['seed']}: {f['error']}" for f in failed]
+    if other_runs:
+        md += ["", "## Stored runs of other settings (kept in the JSON under `other_runs`, not in the curves)", ""]
+        md += [f"- {r['line']} {r['knob']}={r['value']} seed {r['seed']}: tokens {r.get('tokens')}, batch "
+               f"{r.get('batch_size')}, capture {r.get('capture_dtype')}" for r in other_runs]
     md += ["", "## Matched-L0 gaps (a − b, interpolated in log L0 over the overlap)", ""]
     for metric, pairs in gaps.items():
         for pair, g in pairs.items():

@@ -352,3 +352,25 @@ def test_only_trains_the_named_lines_and_keeps_the_others(tmp_path: Path, monkey
     assert len(json.loads((tmp_path / "res" / "tiny.json").read_text())["runs"]) == 4
     with pytest.raises(ValueError, match="only must name lines"):
         run_sweep(_grid(), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0], only=["nope"])
+
+
+def test_reported_runs_of_other_settings_are_kept_apart_and_reused(tmp_path: Path, monkeypatch) -> None:
+    """A call whose grid no longer has a reported run keeps it in the report (not in the curves) and
+    a later call with that setting again reuses it instead of training it a second time."""
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    both = _grid(archs=(ArchSweep("topk", 64, "k", (2, 6)),))
+    first = run_sweep(both, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    narrowed = run_sweep(_grid(archs=(ArchSweep("topk", 64, "k", (2,)),)), model, train, ev, tmp_path / "fresh",
+                         tmp_path / "res", special_tokens=[0])
+    assert [r["value"] for r in narrowed] == [2]
+    report = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert [r["value"] for r in report["runs"]] == [2] and [r["value"] for r in report["other_runs"]] == [6]
+    assert "k=6 seed 0" in (tmp_path / "res" / "tiny.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a reported run was trained again")
+
+    monkeypatch.setattr("sae_ext.convergence.train_on_cache", no_training)
+    again = run_sweep(both, model, train, ev, tmp_path / "fresh2", tmp_path / "res", special_tokens=[0])
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, first))
+    assert "other_runs" not in json.loads((tmp_path / "res" / "tiny.json").read_text())
