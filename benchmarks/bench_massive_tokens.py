@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import sae_ext  # noqa: F401  (registers the plugin architectures)
 from sae_ext.capture import ActivationCache
+from sae_ext.convergence import heldout_r2
 from sae_ext.eval_report import fmt
 from sae_ext.metrics.curves import matched_gap, value_at_l0
 from sae_ext.model_io import special_token_ids
@@ -59,10 +60,6 @@ def massive_mask(x: torch.Tensor, factor: float) -> torch.Tensor:
     return norms > factor * norms.median()
 
 
-def r2(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
 def capture_stats(root: Path, hook: str, special: list[int], factor: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in ("train", "eval"):
@@ -89,10 +86,10 @@ def reread(sweeps: Path, grid: str, x: torch.Tensor, m: torch.Tensor) -> list[di
     for rec_path in tqdm(paths, desc=grid):
         rec = json.loads(rec_path.read_text())["record"]
         sae = SAE.load_from_disk(str(rec_path.parent))
-        x_hat = torch.cat([sae.decode(sae.encode(x[i : i + 4096])) for i in range(0, len(x), 4096)])
+        x_m = x[m]
+        rel = float((x_m - sae(x_m)).pow(2).sum() / x_m.pow(2).sum()) if m.any() else None
         rows.append({k: rec[k] for k in ("line", "value", "l0", "r2", "ce_loss_recovered", "converged")}
-                    | {"r2_all": r2(x, x_hat), "r2_typical": r2(x[~m], x_hat[~m]),
-                       "massive_rel_error": float((x[m] - x_hat[m]).pow(2).sum() / x[m].pow(2).sum()) if m.any() else None})
+                    | {"r2_all": heldout_r2(sae, x), "r2_typical": heldout_r2(sae, x[~m]), "massive_rel_error": rel})
     return sorted(rows, key=lambda r: (r["line"], r["l0"]))
 
 
