@@ -50,10 +50,17 @@ class ArchSweep:
     label: str | None = None  # the line's name (default: the architecture)
     batch_size: int | None = None  # None: the grid's (a threshold line may need more, smaller steps)
     tokens: int | None = None  # None: the grid's budget
+    # the curve its converged runs join in the plots and matched-L0 gaps (default: its own name): the
+    # same SAE at another budget, e.g. a sparse end that needs more tokens to converge
+    curve: str | None = None
 
     @property
     def name(self) -> str:
         return self.label or self.architecture
+
+    @property
+    def curve_name(self) -> str:
+        return self.curve or self.name
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,15 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
     if len(set(labels)) != len(labels):
         raise ValueError(f"two lines share a name in {labels}; give one a distinct 'label'")
     for a in grid.archs:
+        if a.curve is not None and (not isinstance(a.curve, str) or not a.curve):
+            raise ValueError(f"{a.name}: curve must be a non-empty line name, got {a.curve!r}")
+        joined = [b for b in grid.archs if b.curve_name == a.curve_name]
+        if any((b.architecture, b.d_sae, b.knob, b.config) != (a.architecture, a.d_sae, a.knob, a.config) for b in joined):
+            raise ValueError(
+                f"lines {[b.name for b in joined]} share the curve {a.curve_name!r} but differ in architecture, "
+                "d_sae, knob or config; a curve joins one SAE setting (its lines may differ in tokens, "
+                "batch_size, seeds and values)"
+            )
         if a.architecture not in SAE_TRAINING_CLASS_REGISTRY:
             raise ValueError(
                 f"unknown architecture {a.architecture!r}; registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
@@ -455,7 +471,7 @@ def run_sweeps(
             if only is None or task.arch.name in only:
                 todo.append(task)
         else:
-            records[task.grid.name].append(rec)
+            records[task.grid.name].append({**rec, "curve": task.arch.curve_name})
 
     failed: dict[str, list[dict[str, Any]]] = {g.name: [] for g in grids}
 
@@ -466,7 +482,7 @@ def run_sweeps(
             print(f"run {task.arch.name} {task.arch.knob}={task.value} seed {task.seed} failed:\n"
                   + "".join(traceback.format_exception(error)))
         else:
-            records[name].append(rec)
+            records[name].append({**rec, "curve": task.arch.curve_name})
         write_report(name, records[name], results, failed=failed[name], other_runs=others[name])  # survives a cut
 
     def late() -> bool:
@@ -574,12 +590,17 @@ def run_sweep(
 # -------------------------------------------------------------------------------------- report
 
 
-def _line(records: list[dict[str, Any]], line: str, metric: str) -> list[tuple[float, float]]:
-    """(L0, metric) of one line's converged runs, seeds averaged per knob value, sorted by L0."""
+def _curve(record: dict[str, Any]) -> str:
+    """The curve a record is drawn on: its line's ``curve`` (default: the line)."""
+    return record.get("curve") or record["line"]
+
+
+def _line(records: list[dict[str, Any]], curve: str, metric: str) -> list[tuple[float, float]]:
+    """(L0, metric) of one curve's converged runs, seeds averaged per line and knob value, sorted by L0."""
     by_value: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
-        if r["line"] == line and r["converged"] and r.get(metric) is not None and (r.get("l0") or 0) > 0:
-            by_value.setdefault(r["value"], []).append(r)
+        if _curve(r) == curve and r["converged"] and r.get(metric) is not None and (r.get("l0") or 0) > 0:
+            by_value.setdefault((r["line"], r["value"]), []).append(r)
     pts = [(sum(r["l0"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs)) for rs in by_value.values()]
     return sorted(pts)
 
@@ -593,7 +614,7 @@ def write_report(
     ``<name>.md`` and one plot per curve metric."""
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    lines = sorted({r["line"] for r in records})
+    lines = sorted({_curve(r) for r in records})
     gaps = {
         metric: {
             f"{a} − {b}": g
@@ -641,18 +662,18 @@ def write_report(
 
 
 def plot_curves(records: list[dict[str, Any]], metric: str, label: str, path: Path, title: str) -> None:
-    """One line per architecture (converged runs, filled markers; unconverged hollow), log-L0 axis,
-    the Pareto frontier of all converged runs as a dashed black line."""
+    """One line per curve (a line, or the lines its ``curve`` joins): converged runs filled, unconverged
+    hollow, log-L0 axis, the Pareto frontier of all converged runs as a dashed black line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for line in sorted({r["line"] for r in records}):
+    for line in sorted({_curve(r) for r in records}):
         pts = _line(records, line, metric)
         (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=line)
-        loose = [r for r in records if r["line"] == line and not r["converged"] and r.get(metric) is not None]
+        loose = [r for r in records if _curve(r) == line and not r["converged"] and r.get(metric) is not None]
         if loose:
             ax.scatter([r["l0"] for r in loose], [r[metric] for r in loose], facecolors="none", edgecolors=h.get_color())
     every = [(r["l0"], r[metric]) for r in records if r["converged"] and r.get(metric) is not None and (r["l0"] or 0) > 0]

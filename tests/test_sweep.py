@@ -184,6 +184,53 @@ def test_unconverged_runs_are_left_out_of_curves() -> None:
     assert sweep_mod._line(recs, "x", "r2") == [(10.0, 0.5), (40.0, pytest.approx(0.75))]
 
 
+def test_lines_sharing_a_curve_are_drawn_and_compared_as_one() -> None:
+    """A sparse end trained longer (its own line, ``curve`` naming the first) joins the first line's
+    curve: one curve in the gaps, points of both lines, seeds averaged within each line."""
+    recs = [
+        {"line": "x", "curve": "x", "value": 1, "l0": 40.0, "r2": 0.9, "converged": True},
+        {"line": "x", "curve": "x", "value": 3, "l0": 12.0, "r2": 0.5, "converged": False},  # 1 M: not converged
+        {"line": "x long", "curve": "x", "value": 3, "l0": 10.0, "r2": 0.6, "converged": True},
+        {"line": "x long", "curve": "x", "value": 3, "l0": 10.0, "r2": 0.7, "converged": True},
+        {"line": "y", "value": 1, "l0": 10.0, "r2": 0.5, "converged": True},  # no curve: its line
+        {"line": "y", "value": 2, "l0": 40.0, "r2": 0.8, "converged": True},
+    ]
+    assert sweep_mod._line(recs, "x", "r2") == [(10.0, pytest.approx(0.65)), (40.0, 0.9)]
+    assert sweep_mod._line(recs, "x long", "r2") == []
+    gap = matched_gap(sweep_mod._line(recs, "x", "r2"), sweep_mod._line(recs, "y", "r2"))
+    assert gap is not None and gap["mean_gap"] == pytest.approx(0.125)
+
+
+def test_a_curve_joins_one_sae_setting_only() -> None:
+    short = ArchSweep("topk", 64, "k", (2, 6))
+    longer = ArchSweep("topk", 64, "k", (1,), label="topk long", tokens=4096, batch_size=32, curve="topk")
+    assert validate_grid(_grid(archs=(short, longer))).archs[1].curve_name == "topk"
+    other_width = ArchSweep("topk", 128, "k", (1,), label="topk wide", curve="topk")
+    with pytest.raises(ValueError, match="share the curve 'topk'"):
+        validate_grid(_grid(archs=(short, other_width)))
+    other_config = ArchSweep("topk", 64, "k", (1,), label="topk aux", config={"aux_loss_coefficient": 0.0},
+                             curve="topk")
+    with pytest.raises(ValueError, match="differ in architecture, d_sae, knob or config"):
+        validate_grid(_grid(archs=(short, other_config)))
+    with pytest.raises(ValueError, match="curve must be a non-empty"):
+        validate_grid(_grid(archs=(ArchSweep("topk", 64, "k", (2,), curve=""),)))
+
+
+def test_records_carry_their_curve_end_to_end(tmp_path: Path) -> None:
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    grid = _grid(archs=(ArchSweep("topk", 64, "k", (6,)),
+                        ArchSweep("topk", 64, "k", (2,), label="topk long", tokens=2048, curve="topk"),
+                        ArchSweep("topk", 64, "k", (2, 6), label="topk b")))
+    records = run_sweep(grid, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert {(r["line"], r["curve"], r["tokens"]) for r in records} == {
+        ("topk", "topk", 1024), ("topk long", "topk", 2048), ("topk b", "topk b", 1024)}
+    # every run taken as converged: the joined curve spans both lines' L0 and is compared as one
+    sweep_mod.write_report("joined", [{**r, "converged": True} for r in records], tmp_path / "res")
+    report = json.loads((tmp_path / "res" / "joined.json").read_text())
+    assert set(report["matched_l0_gaps"]["r2"]) == {"topk − topk b"}
+    assert [p[0] for p in sweep_mod._line(report["runs"], "topk", "r2")] == pytest.approx([2, 6])
+
+
 def test_shipped_grids_are_valid() -> None:
     for path in (Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"):
         grid = load_grid(path)
