@@ -10,6 +10,7 @@ SAELens's own (``sae_lens.evals.ExplainedVarianceCalculator``, the ``explained_v
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,36 @@ def train_with_half_budget(
     out_dir: str | Path,
     *,
     training_tokens: int,
+    half_budget_from: str | Path | None = None,
     **train_kwargs: Any,
 ) -> TrainingSAE:
     """Train the run of ``training_tokens`` into ``out_dir`` and its half-budget twin into
     ``out_dir/half_budget`` (:func:`sae_ext.capture.train_on_cache` with the same arguments);
-    :func:`run_convergence` then compares them. Returns the full run's SAE."""
+    :func:`run_convergence` then compares them. Returns the full run's SAE.
+
+    ``half_budget_from``: a saved run of exactly this setting at ``training_tokens // 2`` (the
+    caller vouches for the setting; the budget is checked), copied as the twin instead of trained,
+    so doubling a budget costs only the new run (training is deterministic per seed)."""
     if isinstance(training_tokens, bool) or not isinstance(training_tokens, int) or training_tokens < 2:
         raise ValueError(f"training_tokens must be an int >= 2, got {training_tokens!r}")
     out = Path(out_dir)
-    train_on_cache(sae_cfg, cache, model, None, out / HALF_BUDGET_DIR, training_tokens=training_tokens // 2,
-                   **train_kwargs)
+    if half_budget_from is not None:
+        src = Path(half_budget_from)
+        try:
+            tokens = json.loads((src / PROTOCOL_FILE).read_text())["training_tokens"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            raise ValueError(f"half_budget_from={str(src)!r} holds no saved protocol run ({PROTOCOL_FILE})") from None
+        if tokens != training_tokens // 2 or not (src / SAE_WEIGHTS_FILENAME).is_file():
+            raise ValueError(f"half_budget_from={str(src)!r} must be a saved run of {training_tokens // 2} "
+                             f"tokens (half of {training_tokens}); it has {tokens}")
+        half = out / HALF_BUDGET_DIR
+        half.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, half / f.name)
+    else:
+        train_on_cache(sae_cfg, cache, model, None, out / HALF_BUDGET_DIR, training_tokens=training_tokens // 2,
+                       **train_kwargs)
     return train_on_cache(sae_cfg, cache, model, None, out, training_tokens=training_tokens, **train_kwargs)
 
 

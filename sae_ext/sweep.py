@@ -332,8 +332,9 @@ def _run_one(task: _Task, model: Any | None = None) -> dict[str, Any]:
     cache = ActivationCache.load(task.train_capture, grid.hook)
     cfg = get_sae_training_class(arch.architecture)[1](d_in=cache.d_in, d_sae=arch.d_sae,
                                                        **{**arch.config, arch.knob: task.value})
+    half_from = _finished_half_run(d.parent, task.key)
     t = time.perf_counter()
-    train_with_half_budget(cfg, cache, model, d, training_tokens=task.key["tokens"],
+    train_with_half_budget(cfg, cache, model, d, training_tokens=task.key["tokens"], half_budget_from=half_from,
                            train_batch_size_tokens=task.key["batch_size"], lr=grid.lr, seed=task.seed,
                            exclude_special_tokens=task.special, device=task.device)
     seconds = time.perf_counter() - t
@@ -342,9 +343,30 @@ def _run_one(task: _Task, model: Any | None = None) -> dict[str, Any]:
     n_eval = min(grid.eval_tokens, task.eval_tokens.numel())
     res = evaluate_sae(SAE.load_from_disk(d, device=task.device), model, task.eval_tokens, n_tokens=n_eval,
                        splices=False, special_tokens=task.special, progress=False)
-    rec = _record(task.key, res, conv, seconds, _device_name(task.device))
+    rec = {**_record(task.key, res, conv, seconds, _device_name(task.device)),
+           "half_budget_from": half_from.name if half_from else None}
     (d / "record.json").write_text(json.dumps({"key": task.key, "record": rec}, indent=2))
     return rec
+
+
+def _finished_half_run(runs: Path, key: dict[str, Any]) -> Path | None:
+    """A finished run under ``runs`` of ``key``'s setting at half its tokens (any line name: a
+    line at a doubled budget reuses the shorter line's run as its half-budget twin), or ``None``."""
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME
+
+    if key["tokens"] < 2:
+        return None
+    want = json.loads(json.dumps({**key, "tokens": key["tokens"] // 2}))
+    want.pop("line")
+    for rec in sorted(runs.glob("*/record.json")) if runs.is_dir() else []:
+        try:
+            stored = json.loads(rec.read_text())["key"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+        stored.pop("line", None)
+        if stored == want and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
+            return rec.parent
+    return None
 
 
 def _device_name(device: str) -> str:

@@ -41,6 +41,36 @@ def test_half_budget_twin_is_its_own_run_with_its_own_schedule(cache, tmp_path) 
     assert conv.converged == (abs(conv.r2 - conv.r2_half) <= conv.tolerance)
 
 
+def test_a_saved_run_of_half_the_budget_is_reused_as_the_twin(cache, tmp_path, monkeypatch) -> None:
+    """Doubling a budget: the finished shorter run is copied as the twin, not trained again, and
+    gives the twin that training would (same settings, same seed)."""
+    import sae_ext.convergence as conv_mod
+
+    model, cap = cache
+    cfg = small_training_config("topk", d_in=32, d_sae=64, k=4)
+    kw = {"train_batch_size_tokens": 64, "lr": 1e-3, "exclude_special_tokens": False, "seed": 3}
+    train_with_half_budget(cfg, cap, model, tmp_path / "trained", training_tokens=64 * 40, **kw)
+    conv_mod.train_on_cache(cfg, cap, model, None, tmp_path / "short", training_tokens=64 * 20, **kw)
+    trained_calls: list[int] = []
+    real = conv_mod.train_on_cache
+    monkeypatch.setattr(conv_mod, "train_on_cache",
+                        lambda *a, **k: trained_calls.append(k["training_tokens"]) or real(*a, **k))
+    train_with_half_budget(cfg, cap, model, tmp_path / "reused", training_tokens=64 * 40,
+                           half_budget_from=tmp_path / "short", **kw)
+    assert trained_calls == [2560]  # only the full run was trained
+    x = cap.activations()[:512]
+    a, b = run_convergence(tmp_path / "trained", x), run_convergence(tmp_path / "reused", x)
+    assert b.half_budget_tokens == 1280
+    assert b.r2_half == pytest.approx(a.r2_half, abs=1e-5) and b.r2 == pytest.approx(a.r2, abs=1e-5)
+    with pytest.raises(ValueError, match="must be a saved run of 640 tokens"):
+        train_with_half_budget(cfg, cap, model, tmp_path / "bad", training_tokens=1280,
+                               half_budget_from=tmp_path / "short", **kw)
+    with pytest.raises(ValueError, match="holds no saved protocol run"):
+        train_with_half_budget(cfg, cap, model, tmp_path / "bad", training_tokens=1280,
+                               half_budget_from=tmp_path / "nowhere", **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_inputs(cache, tmp_path) -> None:
     model, cap = cache
     cfg = small_training_config("topk", d_in=32, d_sae=64, k=4)

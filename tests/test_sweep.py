@@ -231,6 +231,25 @@ def test_records_carry_their_curve_end_to_end(tmp_path: Path) -> None:
     assert [p[0] for p in sweep_mod._line(report["runs"], "topk", "r2")] == pytest.approx([2, 6])
 
 
+def test_a_line_at_twice_the_budget_reuses_the_shorter_run_as_its_twin(tmp_path: Path, monkeypatch) -> None:
+    import sae_ext.convergence as conv_mod
+
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    short = ArchSweep("topk", 64, "k", (2, 6))
+    run_sweep(_grid(archs=(short,)), model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    trained: list[int] = []
+    real = conv_mod.train_on_cache
+    monkeypatch.setattr(conv_mod, "train_on_cache",
+                        lambda *a, **k: trained.append(k["training_tokens"]) or real(*a, **k))
+    longer = ArchSweep("topk", 64, "k", (2,), label="topk 2x", tokens=2048, curve="topk")
+    records = run_sweep(_grid(archs=(short, longer)), model, train, ev, tmp_path / "out", tmp_path / "res",
+                        special_tokens=[0])
+    assert trained == [2048]  # the 1024-token run of k=2 became the twin; nothing else was trained
+    by_line = {(r["line"], r["value"]): r for r in records}
+    assert by_line[("topk 2x", 2)]["half_budget_from"].startswith("topk_k-2_")
+    assert by_line[("topk 2x", 2)]["r2_half"] == pytest.approx(by_line[("topk", 2)]["r2"], abs=1e-6)
+
+
 def test_shipped_grids_are_valid() -> None:
     for path in (Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"):
         grid = load_grid(path)
