@@ -67,9 +67,11 @@ def train_with_half_budget(
             tokens = json.loads((src / PROTOCOL_FILE).read_text())["training_tokens"]
         except (FileNotFoundError, KeyError, json.JSONDecodeError):
             raise ValueError(f"half_budget_from={str(src)!r} holds no saved protocol run ({PROTOCOL_FILE})") from None
-        if tokens != training_tokens // 2 or not (src / SAE_WEIGHTS_FILENAME).is_file():
+        if tokens != training_tokens // 2:
             raise ValueError(f"half_budget_from={str(src)!r} must be a saved run of {training_tokens // 2} "
                              f"tokens (half of {training_tokens}); it has {tokens}")
+        if not (src / SAE_WEIGHTS_FILENAME).is_file():
+            raise ValueError(f"half_budget_from={str(src)!r} has no saved SAE ({SAE_WEIGHTS_FILENAME})")
         half = out / HALF_BUDGET_DIR
         half.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():

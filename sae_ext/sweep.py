@@ -120,8 +120,8 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
     if len(set(labels)) != len(labels):
         raise ValueError(f"two lines share a name in {labels}; give one a distinct 'label'")
     for a in grid.archs:
-        if a.curve is not None and (not isinstance(a.curve, str) or not a.curve):
-            raise ValueError(f"{a.name}: curve must be a non-empty line name, got {a.curve!r}")
+        if a.curve is not None and a.curve not in labels:
+            raise ValueError(f"{a.name}: curve must name a line of the grid, got {a.curve!r}; the lines: {labels}")
         joined = [b for b in grid.archs if b.curve_name == a.curve_name]
         if any((b.architecture, b.d_sae, b.knob, b.config) != (a.architecture, a.d_sae, a.knob, a.config) for b in joined):
             raise ValueError(
@@ -356,15 +356,13 @@ def _finished_half_run(runs: Path, key: dict[str, Any]) -> Path | None:
 
     if key["tokens"] < 2:
         return None
-    want = json.loads(json.dumps({**key, "tokens": key["tokens"] // 2}))
-    want.pop("line")
+    want = {k: v for k, v in {**key, "tokens": key["tokens"] // 2}.items() if k != "line"}
     for rec in sorted(runs.glob("*/record.json")) if runs.is_dir() else []:
         try:
             stored = json.loads(rec.read_text())["key"]
         except (json.JSONDecodeError, KeyError):
             continue
-        stored.pop("line", None)
-        if stored == want and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
+        if _matches(want, stored) and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
             return rec.parent
     return None
 

@@ -65,6 +65,10 @@ def test_a_saved_run_of_half_the_budget_is_reused_as_the_twin(cache, tmp_path, m
     with pytest.raises(ValueError, match="must be a saved run of 640 tokens"):
         train_with_half_budget(cfg, cap, model, tmp_path / "bad", training_tokens=1280,
                                half_budget_from=tmp_path / "short", **kw)
+    (tmp_path / "short" / "sae_weights.safetensors").rename(tmp_path / "weights")
+    with pytest.raises(ValueError, match="has no saved SAE"):
+        train_with_half_budget(cfg, cap, model, tmp_path / "bad", training_tokens=2560,
+                               half_budget_from=tmp_path / "short", **kw)
     with pytest.raises(ValueError, match="holds no saved protocol run"):
         train_with_half_budget(cfg, cap, model, tmp_path / "bad", training_tokens=1280,
                                half_budget_from=tmp_path / "nowhere", **kw)

@@ -212,8 +212,8 @@ def test_a_curve_joins_one_sae_setting_only() -> None:
                              curve="topk")
     with pytest.raises(ValueError, match="differ in architecture, d_sae, knob or config"):
         validate_grid(_grid(archs=(short, other_config)))
-    with pytest.raises(ValueError, match="curve must be a non-empty"):
-        validate_grid(_grid(archs=(ArchSweep("topk", 64, "k", (2,), curve=""),)))
+    with pytest.raises(ValueError, match="curve must name a line of the grid, got 'topK'"):
+        validate_grid(_grid(archs=(short, ArchSweep("topk", 64, "k", (1,), label="typo", curve="topK"))))
 
 
 def test_records_carry_their_curve_end_to_end(tmp_path: Path) -> None:
