@@ -362,7 +362,7 @@ def _finished_half_run(runs: Path, key: dict[str, Any]) -> Path | None:
             stored = json.loads(rec.read_text())["key"]
         except (json.JSONDecodeError, KeyError):
             continue
-        if _matches(want, stored) and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
+        if record_matches(want, stored) and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
             return rec.parent
     return None
 
@@ -382,10 +382,10 @@ def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | Non
         stored = json.loads(done.read_text())
         if stored.get("key") == task.key:
             return stored["record"]
-    return next((r for r in reported if _matches(task.key, r)), None)
+    return next((r for r in reported if record_matches(task.key, r)), None)
 
 
-def _matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
+def record_matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
     """Whether ``record`` (as stored in a report) was made with exactly ``key``."""
     return all(record.get(k) == v for k, v in json.loads(json.dumps(key)).items())
 
@@ -482,7 +482,7 @@ def run_sweeps(
     reported = {g.name: _reported_runs(results / f"{g.name}.json") for g in grids}
     # reported runs no task of this call matches (another capture dtype, budget, knob value …) stay in
     # the report, apart from the curves, so a call with other settings never deletes finished results
-    others = {g.name: [r for r in reported[g.name] if not any(_matches(t.key, r) for t in ts)]
+    others = {g.name: [r for r in reported[g.name] if not any(record_matches(t.key, r) for t in ts)]
               for g, ts in zip(grids, per_grid)}
     todo = []
     for task in order:
@@ -610,16 +610,16 @@ def run_sweep(
 # -------------------------------------------------------------------------------------- report
 
 
-def _curve(record: dict[str, Any]) -> str:
+def curve_of(record: dict[str, Any]) -> str:
     """The curve a record is drawn on: its line's ``curve`` (default: the line)."""
     return record.get("curve") or record["line"]
 
 
-def _line(records: list[dict[str, Any]], curve: str, metric: str) -> list[tuple[float, float]]:
+def curve_points(records: list[dict[str, Any]], curve: str, metric: str) -> list[tuple[float, float]]:
     """(L0, metric) of one curve's converged runs, seeds averaged per line and knob value, sorted by L0."""
     by_value: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
-        if _curve(r) == curve and r["converged"] and r.get(metric) is not None and (r.get("l0") or 0) > 0:
+        if curve_of(r) == curve and r["converged"] and r.get(metric) is not None and (r.get("l0") or 0) > 0:
             by_value.setdefault((r["line"], r["value"]), []).append(r)
     pts = [(sum(r["l0"] for r in rs) / len(rs), sum(r[metric] for r in rs) / len(rs)) for rs in by_value.values()]
     return sorted(pts)
@@ -634,12 +634,12 @@ def write_report(
     ``<name>.md`` and one plot per curve metric."""
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    lines = sorted({_curve(r) for r in records})
+    lines = sorted({curve_of(r) for r in records})
     gaps = {
         metric: {
             f"{a} − {b}": g
             for a, b in itertools.permutations(lines, 2)
-            if a < b and (g := matched_gap(_line(records, a, metric), _line(records, b, metric))) is not None
+            if a < b and (g := matched_gap(curve_points(records, a, metric), curve_points(records, b, metric))) is not None
         }
         for metric in CURVE_METRICS
     }
@@ -690,10 +690,10 @@ def plot_curves(records: list[dict[str, Any]], metric: str, label: str, path: Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for line in sorted({_curve(r) for r in records}):
-        pts = _line(records, line, metric)
+    for line in sorted({curve_of(r) for r in records}):
+        pts = curve_points(records, line, metric)
         (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=line)
-        loose = [r for r in records if _curve(r) == line and not r["converged"] and r.get(metric) is not None]
+        loose = [r for r in records if curve_of(r) == line and not r["converged"] and r.get(metric) is not None]
         if loose:
             ax.scatter([r["l0"] for r in loose], [r[metric] for r in loose], facecolors="none", edgecolors=h.get_color())
     every = [(r["l0"], r[metric]) for r in records if r["converged"] and r.get(metric) is not None and (r["l0"] or 0) > 0]

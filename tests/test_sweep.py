@@ -181,7 +181,7 @@ def test_unconverged_runs_are_left_out_of_curves() -> None:
         {"line": "x", "value": 3, "l0": 40.0, "r2": 0.7, "converged": True},
         {"line": "x", "value": 3, "l0": 40.0, "r2": 0.8, "converged": True},  # a second seed: averaged
     ]
-    assert sweep_mod._line(recs, "x", "r2") == [(10.0, 0.5), (40.0, pytest.approx(0.75))]
+    assert sweep_mod.curve_points(recs, "x", "r2") == [(10.0, 0.5), (40.0, pytest.approx(0.75))]
 
 
 def test_lines_sharing_a_curve_are_drawn_and_compared_as_one() -> None:
@@ -195,9 +195,9 @@ def test_lines_sharing_a_curve_are_drawn_and_compared_as_one() -> None:
         {"line": "y", "value": 1, "l0": 10.0, "r2": 0.5, "converged": True},  # no curve: its line
         {"line": "y", "value": 2, "l0": 40.0, "r2": 0.8, "converged": True},
     ]
-    assert sweep_mod._line(recs, "x", "r2") == [(10.0, pytest.approx(0.65)), (40.0, 0.9)]
-    assert sweep_mod._line(recs, "x long", "r2") == []
-    gap = matched_gap(sweep_mod._line(recs, "x", "r2"), sweep_mod._line(recs, "y", "r2"))
+    assert sweep_mod.curve_points(recs, "x", "r2") == [(10.0, pytest.approx(0.65)), (40.0, 0.9)]
+    assert sweep_mod.curve_points(recs, "x long", "r2") == []
+    gap = matched_gap(sweep_mod.curve_points(recs, "x", "r2"), sweep_mod.curve_points(recs, "y", "r2"))
     assert gap is not None and gap["mean_gap"] == pytest.approx(0.125)
 
 
@@ -228,7 +228,7 @@ def test_records_carry_their_curve_end_to_end(tmp_path: Path) -> None:
     sweep_mod.write_report("joined", [{**r, "converged": True} for r in records], tmp_path / "res")
     report = json.loads((tmp_path / "res" / "joined.json").read_text())
     assert set(report["matched_l0_gaps"]["r2"]) == {"topk − topk b"}
-    assert [p[0] for p in sweep_mod._line(report["runs"], "topk", "r2")] == pytest.approx([2, 6])
+    assert [p[0] for p in sweep_mod.curve_points(report["runs"], "topk", "r2")] == pytest.approx([2, 6])
 
 
 def test_a_line_at_twice_the_budget_reuses_the_shorter_run_as_its_twin(tmp_path: Path, monkeypatch) -> None:
