@@ -137,6 +137,14 @@ def markdown(res: EvaluationResult) -> str:
                 ("× CE (PCA)", rem.ce_ratio),
                 ("ΔCE component / ΔCE PCA", sc.increase_ratio_vs_pca),
             ]
+        if sc.principal_angles_deg:
+            a = sc.principal_angles_deg
+            rows += [
+                (
+                    f"principal angles to top-{sc.pca_rank} PCA (°, min / median / max)",
+                    f"{a[0]:.1f} / {a[len(a) // 2]:.1f} / {a[-1]:.1f}",
+                )
+            ]
         out += ["## Scaffold ablation vs top-r PCA removal", "", *_table(rows), ""]
     return "\n".join(out)
 

@@ -57,6 +57,9 @@ class ComponentAblation:
     """Share of the activation variance in the removed PCA directions."""
     increase_ratio_vs_pca: float | None
     """``ΔCE(component zeroed) / ΔCE(PCA removed)``."""
+    principal_angles_deg: list[float] | None = None
+    """Principal angles (degrees, ascending) between the component's range and the removed
+    top-r PCA directions; ``None`` when the SAE declares no subspace or no PCA was removed."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,7 @@ class ComponentAblation:
             "pca_rank": self.pca_rank,
             "pca_explained_variance": self.pca_explained_variance,
             "increase_ratio_scaffold_vs_pca": self.increase_ratio_vs_pca,
+            "principal_angles_deg_vs_pca": self.principal_angles_deg,
         }
 
 

@@ -44,7 +44,7 @@ from sae_ext.interventions import (
 )
 from sae_ext.metrics.dark_matter import DarkMatterAccumulator
 from sae_ext.metrics.dictionary import DictionaryStatsAccumulator
-from sae_ext.metrics.pca import PCAAccumulator
+from sae_ext.metrics.pca import PCAAccumulator, principal_angles_degrees
 from sae_ext.model_io import SpecialTokens, as_token_tensor, special_token_mask
 from sae_ext.sae_io import check_sae_hook_names, encode_decode
 from sae_ext.saelens_evals import run_evals_validated
@@ -92,7 +92,8 @@ def evaluate_sae(
     :class:`~sae_ext.evaluation_spec.EvaluationSpec` adds: zeroing its ``ablation_hook`` (the
     scaffold) vs removing the top-r PCA directions (``r = ablation_pca_rank`` or ``pca_rank``;
     of the centred non-special activations, with their mean kept: ``x − ((x − μ) Q) Qᵀ``, SPEC
-    §2), group statistics. Activations are streamed (one pass, ``O(d_in²)`` memory). The dark-matter
+    §2) and the principal angles between the component's declared range and those directions,
+    group statistics. Activations are streamed (one pass, ``O(d_in²)`` memory). The dark-matter
     CE splices use ``W*`` on all ``n_tokens`` tokens (about half of them were its train split);
     the R²/FVU scores are test-split only. Positions holding a special token (``special_tokens``:
     by default the model tokenizer's; see :func:`sae_ext.model_io.special_token_ids`) are never
@@ -220,6 +221,11 @@ def evaluate_sae(
             ),
             increase_ratio_vs_pca=(
                 abl.ce_increase / rem.ce_increase if rem is not None and rem.ce_increase else None
+            ),
+            principal_angles_deg=(
+                principal_angles_degrees(spec.ablation_subspace.to(pca.basis), pca.basis).tolist()
+                if spec.ablation_subspace is not None and pca is not None
+                else None
             ),
         )
     if out_path is not None:

@@ -102,6 +102,7 @@ def test_evaluate_sae_scaffold_section(model, tmp_path):
     assert res.to_dict()["scaffold"]["increase_ratio_scaffold_vs_pca"] == pytest.approx(
         sc.ablation.ce_increase / sc.pca_removal.ce_increase
     )
+    assert sc.principal_angles_deg is None  # the stand-in declares no subspace
     assert "Scaffold ablation vs top-r PCA removal" in (tmp_path / "eval.md").read_text()
     # the demo's table row reads the typed result by attribute and stays strict JSON
     from sae_ext.demo import summarize
@@ -112,6 +113,44 @@ def test_evaluate_sae_scaffold_section(model, tmp_path):
     assert row["pca_removal_ce_ratio"] == sc.pca_removal.ce_ratio
     assert row["ce_loss_recovered"] == res.run_evals.ce_loss_score and row["d_sae"] == 64
     assert row["bipolar_fraction"] is None and row["group_rank90_counts"] is None
+
+
+def test_scaffold_principal_angles_to_the_removed_pca_directions(model, tmp_path):
+    """A scaffold spanning the eval activations' top-2 PCA directions sits at ~0°, one spanning
+    their least-variance directions near 90°; the stand-in without a subspace reports none."""
+    from sae_ext.metrics.pca import pca_directions
+    from sae_ext.model_io import as_token_tensor
+
+    toks = as_token_tensor(random_token_dataset(), n_tokens=N_TOKENS)
+    _, cache = model.run_with_cache(toks, names_filter=HOOK)
+    acts = cache[HOOK].reshape(-1, 32).double()
+    basis = pca_directions(acts, 32)
+    sae_cls, cfg_cls = get_sae_class("scaffold_jumprelu")
+    angles = {}
+    for name, q in (("top", basis[:, :2]), ("bottom", basis[:, -2:])):
+        torch.manual_seed(0)
+        sae = sae_cls(cfg_cls(d_in=32, d_sae=64, scaffold_rank=2))
+        sae.cfg.metadata.hook_name = HOOK
+        with torch.no_grad():
+            sae.scaffold_V.copy_(q.float())
+            sae.scaffold_U.copy_(q.float().T)
+        res = evaluate_sae(
+            sae, model, random_token_dataset(), n_tokens=N_TOKENS, out_dir=tmp_path / name,
+            progress=False,
+        )
+        assert res.scaffold is not None and res.scaffold.pca_rank == 2
+        assert "principal angles to top-2 PCA" in (tmp_path / name / "eval.md").read_text()
+        angles[name] = res.scaffold.principal_angles_deg
+        assert res.to_dict()["scaffold"]["principal_angles_deg_vs_pca"] == angles[name]
+    assert len(angles["top"]) == 2 and max(angles["top"]) < 0.1
+    assert min(angles["bottom"]) > 80.0
+
+
+def test_evaluation_spec_subspace_needs_its_hook():
+    with pytest.raises(ValueError, match="ablation_subspace"):
+        EvaluationSpec(ablation_subspace=torch.eye(4)[:, :2])
+    with pytest.raises(ValueError, match="ablation_subspace"):
+        EvaluationSpec(ablation_hook="hook_scaffold", ablation_subspace=torch.ones(4))
 
 
 @pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sasa_jumprelu", "sign_aware_gated"])

@@ -301,8 +301,13 @@ class _ScaffoldCore:
         )
 
     def evaluation_spec(self) -> EvaluationSpec:
-        """``evaluate_sae`` zeroes ``hook_scaffold`` and compares with top-r PCA removal."""
-        return EvaluationSpec(ablation_hook="hook_scaffold", ablation_pca_rank=self.cfg.scaffold_rank)
+        """``evaluate_sae`` zeroes ``hook_scaffold``, compares with top-r PCA removal and measures
+        the principal angles between the scaffold's range and those PCA directions."""
+        return EvaluationSpec(
+            ablation_hook="hook_scaffold",
+            ablation_pca_rank=self.cfg.scaffold_rank,
+            ablation_subspace=self.scaffold_subspace(),
+        )
 
     def _scaffold_scale(self) -> float:
         """``scaffold_lr_scale`` c (training configs; 1 for the inference SAE): the parameters
