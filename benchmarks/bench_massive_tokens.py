@@ -28,10 +28,10 @@ from sae_ext.convergence import heldout_r2
 from sae_ext.eval_report import fmt
 from sae_ext.metrics.curves import matched_gap, value_at_l0
 from sae_ext.model_io import special_token_ids
+from sae_ext.protocol import MASSIVE_NORM_FACTOR, massive_token_mask
 
 RESULTS = Path(__file__).parent / "results"
 HOOKS = ("resid_mid", "mlp_out", "attn_out", "resid_post")
-FACTOR = 10.0  # massive: ‖x‖ > FACTOR × the median norm (25,000 vs ~165 at resid_mid: far above)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--captures", default="sae_ext_out/captures", help="holds train_128/ and eval_128/ (bench_convergence)")
     p.add_argument("--sweeps", default="sae_ext_out/sweeps", help="the sweeps' --out folder")
     p.add_argument("--grids", nargs="*", default=[], help="sweep names whose saved SAEs to re-read")
-    p.add_argument("--factor", type=float, default=FACTOR, help="massive: ‖x‖ > factor × median ‖x‖")
+    p.add_argument("--factor", type=float, default=MASSIVE_NORM_FACTOR, help="massive: ‖x‖ > factor × median ‖x‖")
     p.add_argument("--tag", default="massive_tokens")
     args = p.parse_args(argv)
     if not args.factor > 1:
@@ -55,16 +55,11 @@ def non_special(cache: ActivationCache, special: list[int]) -> tuple[torch.Tenso
     return cache.activations()[keep], pos[keep]
 
 
-def massive_mask(x: torch.Tensor, factor: float) -> torch.Tensor:
-    norms = x.norm(dim=-1)
-    return norms > factor * norms.median()
-
-
 def capture_stats(root: Path, hook: str, special: list[int], factor: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in ("train", "eval"):
         x, pos = non_special(ActivationCache.load(root / f"{split}_128", hook), special)
-        m = massive_mask(x, factor)
+        m = massive_token_mask(x, factor)
         sq = x.pow(2).sum(-1)
         ss = (x - x.mean(0)).pow(2).sum(-1)
         out[split] = {
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         hook = json.loads(rec.read_text())["record"]["hook"]
         x, _ = non_special(ActivationCache.load(root / "eval_128", hook), special)
-        res["sweeps"][grid] = reread(sweeps, grid, x, massive_mask(x, args.factor))
+        res["sweeps"][grid] = reread(sweeps, grid, x, massive_token_mask(x, args.factor))
     write_report(res, args.tag)
     print((RESULTS / f"{args.tag}.md").read_text())
 

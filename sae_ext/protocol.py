@@ -48,6 +48,12 @@ DEFAULT_TRAINING_TOKENS = {
     "hook_mlp_out": 8_000_000,
 }
 
+#: A non-special token is *massive* (an attention sink: the first token after BOS in some rows at
+#: SmolLM2's residual streams, ‖x‖ ≈ 9,000–25,000 against a median ≈ 165) when its norm exceeds this
+#: many times the median norm. Not part of the shared SPEC §8 (a proposal, ``docs/SPEC.md``); reports
+#: give the statistics these tokens dominate both ways (``benchmarks/RESULTS.md`` §0d).
+MASSIVE_NORM_FACTOR = 10.0
+
 
 def resolve_special_tokens(model: Any, exclude: bool | list[int]) -> list[int] | bool:
     """What to hand SAELens's ``exclude_special_tokens``: ``True`` becomes the model tokenizer's
@@ -150,3 +156,13 @@ def is_converged(r2_half: float, r2_full: float, tolerance: float = CONVERGENCE_
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
     return abs(r2_full - r2_half) <= tolerance
+
+
+def massive_token_mask(x: Any, factor: float = MASSIVE_NORM_FACTOR) -> Any:
+    """Bool ``[n]``: rows of the activations ``x`` ``[n, d]`` whose norm exceeds ``factor`` × the median norm."""
+    if getattr(x, "ndim", None) != 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be activations [n, d] with n >= 1, got shape {tuple(getattr(x, 'shape', ()))}")
+    if not factor > 1:
+        raise ValueError(f"factor must be > 1 (a multiple of the median norm), got {factor!r}")
+    norms = x.norm(dim=-1)
+    return norms > factor * norms.median()

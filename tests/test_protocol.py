@@ -256,3 +256,19 @@ def test_lr_schedule_is_set_unless_the_user_chose_one() -> None:
     assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (0, 5)  # the user's schedule is kept
     cfg = apply_protocol(Cfg(), exclude_special_tokens=False, schedule=False)
     assert (cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (0, 0)  # constant lr on request
+
+
+def test_massive_token_mask_marks_attention_sink_norms_only() -> None:
+    from sae_ext.protocol import MASSIVE_NORM_FACTOR, massive_token_mask
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 16)
+    x[7] *= 1000.0  # an attention-sink norm
+    x[9] *= 0.5 * MASSIVE_NORM_FACTOR  # large, but under the factor × median
+    mask = massive_token_mask(x)
+    assert mask.tolist() == [i == 7 for i in range(200)]
+    assert massive_token_mask(x, factor=2.0).sum() >= 2
+    with pytest.raises(ValueError, match="factor"):
+        massive_token_mask(x, factor=1.0)
+    with pytest.raises(ValueError, match=r"\[n, d\]"):
+        massive_token_mask(torch.randn(16))
