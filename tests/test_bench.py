@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from sae_ext.bench import SYNTHETIC_BENCHMARKS, benchmarks_dir
 from sae_ext.cli import main
 
@@ -16,11 +18,11 @@ def test_bench_quick_runs_every_synthetic_benchmark(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
 
 
-def _bench_smollm2():
-    """Import ``benchmarks/bench_smollm2.py`` (benchmarks are scripts, not a package)."""
+def _bench(name: str):
+    """Import ``benchmarks/<name>.py``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_smollm2", benchmarks_dir() / "bench_smollm2.py")
+    spec = importlib.util.spec_from_file_location(name, benchmarks_dir() / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,7 +32,7 @@ def _bench_smollm2():
 def test_smollm2_resume_reuses_only_runs_with_identical_arguments(tmp_path: Path) -> None:
     import json
 
-    bench = _bench_smollm2()
+    bench = _bench("bench_smollm2")
     args = bench.demo_args(out=str(tmp_path), seed=1, only=["sasa"], tokens=1000)
     assert bench.finished_rows(args) is None  # nothing finished yet
     rows = [{"name": "sasa r4 s8", "l0": 32.0}]
@@ -51,3 +53,72 @@ def test_mean_sd_skips_missing_values_and_formats_them_as_a_dash() -> None:
     assert mean_sd([None, math.nan]) == (None, None)
     assert format_mean_sd(*mean_sd([1.0, 3.0])) == "2 ± 1.4"
     assert format_mean_sd(None, None) == "–"
+
+
+def _record(arch: str, line: str, k: int, l0: float, dense: float, converged: bool = True) -> dict:
+    return {"architecture": arch, "line": line, "knob": "k", "value": k, "seed": 0, "l0": l0, "r2": 0.9,
+            "dense_fraction": dense, "dead_fraction": 0.01, "converged": converged}
+
+
+def test_scaffold_dense_latents_are_read_against_the_plain_curve_at_matched_l0() -> None:
+    import math
+
+    bench = _bench("bench_scaffold_smollm2")
+    records = [
+        _record("batchtopk", "batchtopk", 16, 10.0, 0.2),
+        _record("batchtopk", "batchtopk", 64, 40.0, 0.1),
+        _record("scaffold_batchtopk", "scaffold r8", 32, 20.0, 0.03),
+        _record("scaffold_batchtopk", "scaffold r8", 128, 80.0, 0.05),  # beyond the plain curve
+        _record("scaffold_batchtopk", "scaffold r8", 8, 5.0, 0.0, converged=False),  # left out
+    ]
+    rows = bench.dense_at_matched_l0(records)
+    assert [r["k"] for r in rows] == [32, 128]
+    assert rows[0]["dense_plain"] == pytest.approx(0.15)  # halfway in log L0 between 10 and 40
+    assert rows[0]["dense_reduction"] == pytest.approx(0.8)
+    assert math.isnan(rows[1]["dense_plain"]) and math.isnan(rows[1]["dense_reduction"])
+    md = bench.markdown("g", "hook", rows, [], records, "g.png")
+    assert "| scaffold r8 | 32 | 20.0 | 0.0300 | 0.1500 | 80% |" in md and "1 unconverged" in md
+
+
+def test_scaffold_ablations_of_saved_sweep_runs_end_to_end(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    from sae_lens import HookedSAETransformer
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.testing import random_token_dataset, tiny_hooked_transformer
+
+    bench = _bench("bench_scaffold_smollm2")
+    model = tiny_hooked_transformer(cls=HookedSAETransformer)
+    sae_cls, cfg_cls = get_sae_class("scaffold_jumprelu")
+    torch.manual_seed(0)
+    sae = sae_cls(cfg_cls(d_in=32, d_sae=64, scaffold_rank=2))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    sae.cfg.metadata.context_size = 16
+    key = {"architecture": "scaffold_batchtopk", "line": "scaffold r2", "knob": "k", "value": 4, "seed": 0,
+           "config": {"scaffold_rank": 2}}
+    run = tmp_path / "runs" / "scaffold_r2_k-4"
+    sae.save_model(str(run))
+    (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
+    records = [
+        {**key, "l0": 4.0, "r2": 0.5, "dense_fraction": 0.0, "dead_fraction": 0.0, "converged": True},
+        {**key, "value": 8, "l0": 8.0, "r2": 0.6, "dense_fraction": 0.0, "dead_fraction": 0.0, "converged": True},
+    ]
+    found = bench.saved_scaffold_runs(records, tmp_path / "runs")
+    assert [(r["value"], d) for r, d in found] == [(4, run)]  # k 8 has no saved SAE
+    rows = bench.evaluate_scaffolds(found, model, random_token_dataset(), n_tokens=96)
+    (row,) = rows
+    assert row["rank"] == 2 and len(row["angles_deg"]) == 2 and row["n_tokens"] == 96
+    assert row["ce_ratio_scaffold"] > 0 and row["ce_ratio_pca"] > 0
+    assert 0.0 <= min(row["angles_deg"]) <= max(row["angles_deg"]) <= 90.0
+    massive = bench.pca_without_massive_tokens(
+        model, "blocks.0.hook_resid_post", random_token_dataset(), 96, [2], found
+    )
+    assert massive["tokens"] == 96 and 0 <= massive["massive"] < 96
+    m = massive["by_rank"][2]
+    assert 0 < m["explained_variance_without_massive"] <= 1 and m["ce_ratio_pca_without_massive"] > 0
+    (angles,) = m["scaffold_angles_deg"].values()
+    assert len(angles) == 2 and list(m["scaffold_angles_deg"]) == ["scaffold r2 k=4"]
+    md = bench.markdown("g", "h", [], rows, records, "g.png", massive)
+    assert "Scaffold zeroed vs top-r PCA removed" in md and "## The same PCA without massive tokens" in md
