@@ -40,7 +40,8 @@ PLAIN = {"scaffold_batchtopk": "batchtopk", "scaffold_matryoshka_batchtopk": "ma
 
 
 def dense_at_matched_l0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each converged scaffold run against its plain curve read at the run's L0 (NaN outside it)."""
+    """Each converged scaffold run against its plain curve read at the run's L0 (NaN outside it), and
+    against the plain run of the same k (BatchTopK's L0 is k by construction, so also matched)."""
     rows = []
     for r in sorted(records, key=lambda r: (curve_of(r), r["l0"])):
         plain = PLAIN.get(r["architecture"])
@@ -51,10 +52,14 @@ def dense_at_matched_l0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r2 = curve_points(records, plain, "r2")
         at = float(r["l0"])
         pd = value_at_l0([p[0] for p in dense], [p[1] for p in dense], at) if dense else math.nan
+        same = [p for p in records if p["line"] == plain and p["converged"] and p["value"] == r["value"]]
+        pk = sum(p["dense_fraction"] for p in same) / len(same) if same else math.nan
         rows.append({
             "line": curve_of(r), "plain": plain, "k": r["value"], "l0": at,
             "dense": r["dense_fraction"], "dense_plain": pd,
             "dense_reduction": 1 - r["dense_fraction"] / pd if pd and pd == pd else math.nan,
+            "dense_plain_same_k": pk,
+            "dense_reduction_same_k": 1 - r["dense_fraction"] / pk if pk and pk == pk else math.nan,
             "dead": r["dead_fraction"],
             "dead_plain": value_at_l0([p[0] for p in dead], [p[1] for p in dead], at) if dead else math.nan,
             "r2": r["r2"], "r2_plain": value_at_l0([p[0] for p in r2], [p[1] for p in r2], at) if r2 else math.nan,
@@ -182,11 +187,12 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
         "SPEC §8: special tokens out of training, normalisation and every statistic; converged runs only "
         f"({n_loose} unconverged run(s) of the sweep left out). Dense = firing on > 10 % of held-out tokens.", "",
         "## Dense and dead latents at matched L0 (plain curve interpolated in log L0 to the scaffold run's L0)", "",
-        "| line | k | L0 | dense | dense (plain) | fewer dense | dead | dead (plain) | R² | R² (plain) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| line | k | L0 | dense | dense (plain) | fewer dense | dense (plain, same k) | fewer dense (same k) | dead | dead (plain) | R² | R² (plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     out += [f"| {d['line']} | {d['k']} | {d['l0']:.1f} | {f(d['dense'], '.4f')} | {f(d['dense_plain'], '.4f')} | "
-            f"{f(d['dense_reduction'], '.0%')} | {f(d['dead'])} | {f(d['dead_plain'])} | {f(d['r2'], '.4f')} | "
+            f"{f(d['dense_reduction'], '.0%')} | {f(d['dense_plain_same_k'], '.4f')} | "
+            f"{f(d['dense_reduction_same_k'], '.0%')} | {f(d['dead'])} | {f(d['dead_plain'])} | {f(d['r2'], '.4f')} | "
             f"{f(d['r2_plain'], '.4f')} |" for d in dense]
     out += ["", f"![dense latents vs L0 and FVU]({png})", ""]
     if abl:

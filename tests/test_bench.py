@@ -76,8 +76,12 @@ def test_scaffold_dense_latents_are_read_against_the_plain_curve_at_matched_l0()
     assert rows[0]["dense_plain"] == pytest.approx(0.15)  # halfway in log L0 between 10 and 40
     assert rows[0]["dense_reduction"] == pytest.approx(0.8)
     assert math.isnan(rows[1]["dense_plain"]) and math.isnan(rows[1]["dense_reduction"])
+    assert math.isnan(rows[0]["dense_plain_same_k"])  # no plain run at k 32
+    records.append(_record("batchtopk", "batchtopk", 128, 90.0, 0.1))
+    rows = bench.dense_at_matched_l0(records)
+    assert rows[1]["dense_plain_same_k"] == 0.1 and rows[1]["dense_reduction_same_k"] == pytest.approx(0.5)
     md = bench.markdown("g", "hook", rows, [], records, "g.png")
-    assert "| scaffold r8 | 32 | 20.0 | 0.0300 | 0.1500 | 80% |" in md and "1 unconverged" in md
+    assert "| scaffold r8 | 32 | 20.0 | 0.0300 | 0.1500 | 80% | – | – |" in md and "1 unconverged" in md
 
 
 def test_scaffold_ablations_of_saved_sweep_runs_end_to_end(tmp_path: Path) -> None:
