@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.protocol import MASSIVE_NORM_FACTOR
 from sae_ext.sweep import curve_of, curve_points, load_grid, record_matches
@@ -262,11 +263,11 @@ def main() -> None:
     tag = args.tag or f"scaffold_smollm2_{grid.name}"
     png = RESULTS / f"{tag}.png"
     plot(records, png, f"{grid.name}: dense latents (converged runs)")
-    (RESULTS / f"{tag}.json").write_text(json.dumps({
+    (RESULTS / f"{tag}.json").write_text(json.dumps(json_safe({
         "grid": str(args.grid), "hook": grid.hook, "report": str(report), "eval_tokens": args.eval_tokens,
         "dense_at_matched_l0": dense, "scaffold_ablations": abl,
         "pca_without_massive_tokens": massive, "seconds": time.perf_counter() - t0,
-    }, indent=2, allow_nan=True))
+    }), indent=2, allow_nan=False))  # NaN (outside a curve) as null
     (RESULTS / f"{tag}.md").write_text(markdown(grid.name, grid.hook, dense, abl, records, png.name, massive))
     print(f"wrote {RESULTS / tag}.{{json,md,png}}")
 
