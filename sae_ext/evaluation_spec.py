@@ -41,9 +41,10 @@ class EvaluationSpec:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
         q = self.ablation_subspace
-        if q is not None and (self.ablation_hook is None or q.ndim != 2 or q.shape[1] < 1):
+        if q is not None and (self.ablation_hook is None or q.ndim != 2 or q.shape[1] < 1
+                              or not bool(q.isfinite().all())):
             raise ValueError(
-                f"ablation_subspace must be a [d_in, m] basis with ablation_hook set, got shape "
+                f"ablation_subspace must be a finite [d_in, m] basis with ablation_hook set, got shape "
                 f"{tuple(q.shape)} and ablation_hook {self.ablation_hook!r}"
             )
         b = self.group_blocks

@@ -162,7 +162,9 @@ def massive_token_mask(x: Any, factor: float = MASSIVE_NORM_FACTOR) -> Any:
     """Bool ``[n]``: rows of the activations ``x`` ``[n, d]`` whose norm exceeds ``factor`` × the median norm."""
     if getattr(x, "ndim", None) != 2 or x.shape[0] < 1:
         raise ValueError(f"x must be activations [n, d] with n >= 1, got shape {tuple(getattr(x, 'shape', ()))}")
-    if not factor > 1:
-        raise ValueError(f"factor must be > 1 (a multiple of the median norm), got {factor!r}")
+    if not factor > 1 or factor == float("inf"):
+        raise ValueError(f"factor must be a finite number > 1 (a multiple of the median norm), got {factor!r}")
+    if not bool(x.isfinite().all()):
+        raise ValueError("x holds NaN or Inf values; the median norm needs finite activations")
     norms = x.norm(dim=-1)
     return norms > factor * norms.median()

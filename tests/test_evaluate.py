@@ -151,6 +151,8 @@ def test_evaluation_spec_subspace_needs_its_hook():
         EvaluationSpec(ablation_subspace=torch.eye(4)[:, :2])
     with pytest.raises(ValueError, match="ablation_subspace"):
         EvaluationSpec(ablation_hook="hook_scaffold", ablation_subspace=torch.ones(4))
+    with pytest.raises(ValueError, match="finite"):
+        EvaluationSpec(ablation_hook="hook_scaffold", ablation_subspace=torch.full((4, 2), float("nan")))
 
 
 @pytest.mark.parametrize("arch", ["scaffold_jumprelu", "sasa", "sasa_jumprelu", "sign_aware_gated"])

@@ -272,3 +272,6 @@ def test_massive_token_mask_marks_attention_sink_norms_only() -> None:
         massive_token_mask(x, factor=1.0)
     with pytest.raises(ValueError, match=r"\[n, d\]"):
         massive_token_mask(torch.randn(16))
+    x[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        massive_token_mask(x)
