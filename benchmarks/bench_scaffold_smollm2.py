@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.protocol import MASSIVE_NORM_FACTOR
-from sae_ext.sweep import curve_of, curve_points, load_grid, record_matches
+from sae_ext.sweep import curve_of, curve_points, load_grid, saved_runs
 
 RESULTS = Path(__file__).parent / "results"
 #: scaffold architecture → the plain architecture it is compared with
@@ -70,16 +70,7 @@ def dense_at_matched_l0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def saved_scaffold_runs(records: list[dict[str, Any]], runs: Path) -> list[tuple[dict[str, Any], Path]]:
     """The converged scaffold records whose SAE is saved under ``runs`` (a sweep's run folders)."""
-    saved = [(json.loads(f.read_text())["key"], f.parent) for f in sorted(runs.glob("*/record.json"))]
-    found = []
-    for r in records:
-        if r["architecture"] in PLAIN and r["converged"]:
-            d = next((d for key, d in saved if record_matches(key, r)), None)
-            if d is None:
-                print(f"skipped {r['line']} k={r['value']}: no saved SAE under {runs}")
-            else:
-                found.append((r, d))
-    return found
+    return saved_runs([r for r in records if r["architecture"] in PLAIN], runs)
 
 
 def evaluate_scaffolds(found: list[tuple[dict[str, Any], Path]], model: Any, tokens: Any, n_tokens: int) -> list[dict[str, Any]]:

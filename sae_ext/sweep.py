@@ -390,6 +390,31 @@ def record_matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
     return all(record.get(k) == v for k, v in json.loads(json.dumps(key)).items())
 
 
+def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
+    """The converged ``records`` of a report paired with their saved SAE folder under ``runs`` (a
+    grid's ``<out>/<name>/runs``); a record without one is skipped with a note."""
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME
+
+    runs = Path(runs)
+    saved = []
+    for rec in sorted(runs.glob("*/record.json")) if runs.is_dir() else []:
+        try:
+            saved.append((json.loads(rec.read_text())["key"], rec.parent))
+        except (json.JSONDecodeError, KeyError):
+            continue
+    found = []
+    for r in records:
+        if not r["converged"]:
+            continue
+        d = next((d for key, d in saved
+                  if record_matches(key, r) and (d / SAE_WEIGHTS_FILENAME).is_file()), None)  # fmt: skip
+        if d is None:
+            print(f"skipped {r['line']} {r['knob']}={r['value']} seed {r['seed']}: no saved SAE under {runs}")
+        else:
+            found.append((r, d))
+    return found
+
+
 def run_sweeps(
     grids: list[SweepGrid],
     model: Any,

@@ -152,3 +152,19 @@ def tiny_bridge(d_model: int = 32, d_vocab: int = 97, n_layers: int = 2, seed: i
     bridge = SAEBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device=device)
     bridge.eval()
     return bridge
+
+
+def tiny_word_tokenizer(words: list[str], unk_token: str = "<unk>") -> Any:
+    """An in-memory whitespace WordLevel tokenizer over ``<bos>``, ``unk_token``, ``words``, the
+    spelling template's words and the capital letters: enough for the absorption prompts
+    (``"{word} has the first letter: L"``) on a tiny model, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    extra = ["has", "the", "first", "letter:", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    names = dict.fromkeys(["<bos>", unk_token, *words, *extra])
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(names)}, unk_token=unk_token))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", pad_token="<bos>", unk_token=unk_token
+    )

@@ -126,3 +126,55 @@ def test_scaffold_ablations_of_saved_sweep_runs_end_to_end(tmp_path: Path) -> No
     assert len(angles) == 2 and list(m["scaffold_angles_deg"]) == ["scaffold r2 k=4"]
     md = bench.markdown("g", "h", [], rows, records, "g.png", massive)
     assert "Scaffold zeroed vs top-r PCA removed" in md and "## The same PCA without massive tokens" in md
+
+
+def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_path: Path) -> None:
+    """One probe-data pass on a tiny model scores every saved converged run; the scaffold run is read
+    against the plain curve interpolated at its L0 and the plain run of the same k."""
+    import json
+    import math
+
+    import torch
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.metrics.probing import probe_data
+    from sae_ext.testing import tiny_hooked_transformer, tiny_word_tokenizer
+
+    bench = _bench("bench_probes_smollm2")
+    tok = tiny_word_tokenizer([a + b for a in "abcdefgh" for b in "aeiouxyz"])
+    model = tiny_hooked_transformer(d_model=32, d_vocab=len(tok), n_ctx=80)
+    torch.manual_seed(0)
+    records = []
+    for arch, line, inference, k, l0, extra in [
+        ("scaffold_batchtopk", "scaffold r2", "scaffold_jumprelu", 4, 4.0, {"scaffold_rank": 2}),
+        ("batchtopk", "batchtopk", "jumprelu", 2, 2.0, {}),
+        ("batchtopk", "batchtopk", "jumprelu", 4, 5.0, {}),
+        ("batchtopk", "batchtopk", "jumprelu", 8, 8.0, {}),
+    ]:
+        key = {"architecture": arch, "line": line, "knob": "k", "value": k, "seed": 0, "config": extra}
+        records.append({**key, "l0": l0, "r2": 0.5, "converged": True})
+        if k == 8:
+            continue  # reported but not saved: skipped
+        sae_cls, cfg_cls = get_sae_class(inference)
+        run = tmp_path / "runs" / f"{line.replace(' ', '_')}_k-{k}"
+        sae_cls(cfg_cls(d_in=32, d_sae=48, **extra)).save_model(str(run))
+        (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
+    records.append({**records[1], "value": 16, "l0": 16.0, "converged": False})
+    from sae_ext.sweep import saved_runs
+
+    found = saved_runs(records, tmp_path / "runs")
+    assert sorted((r["line"], r["value"]) for r, _ in found) == [("batchtopk", 2), ("batchtopk", 4), ("scaffold r2", 4)]
+    data = probe_data(model, "blocks.0.hook_resid_post", tokenizer=tok, per_class=4)
+    rows = bench.score_runs(found, data)
+    assert all(0 <= r["sparse_acc_1"] <= 1 and 0 <= r["dense_acc"] <= 1 for r in rows)
+    (scaffold,) = [r for r in rows if r["architecture"] == "scaffold_batchtopk"]
+    assert scaffold["topic_n_latents"] == 32 and "topic_scaffold_removed" in scaffold
+    (pair,) = bench.against_baseline(rows)
+    plain = {r["value"]: r for r in rows if r["architecture"] == "batchtopk"}
+    for m in bench.METRICS:
+        a, b = plain[2][m], plain[4][m]  # plain L0 2 and 5: read at L0 4 in log L0
+        want = a + (b - a) * math.log(4 / 2) / math.log(5 / 2)
+        assert math.isclose(pair[f"{m}_baseline"], want, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(want) and math.isnan(pair[f"{m}_baseline"]))
+        assert pair[f"{m}_baseline_same_value"] == b or math.isnan(b)
+    md = bench.markdown("g", "h", rows, [pair], (10, 2), (20, 20), 1.0, "cmd")
+    assert "## Scaffold vs sparse latents" in md and "## Against the baseline architecture at matched L0" in md

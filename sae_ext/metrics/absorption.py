@@ -58,11 +58,14 @@ __all__ = [
     "AbsorptionSettings",
     "LetterAbsorption",
     "SpellingPrompts",
+    "SpellingSplit",
     "absorption_from_activations",
+    "absorption_of_split",
     "alphabetic_vocabulary",
     "first_letter_absorption",
     "spelling_activations",
     "spelling_prompts",
+    "spelling_split",
 ]
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -487,9 +490,19 @@ def min_absorption_words(test_fraction: float = 0.2, n_icl: int = N_ICL) -> int:
     return n
 
 
-def first_letter_absorption(
+@dataclass(frozen=True)
+class SpellingSplit:
+    """The SAE-independent half of the absorption metric: word activations at one hook and each
+    word's first letter (index into :data:`LETTERS`), train and test."""
+
+    train_x: torch.Tensor
+    train_letters: torch.Tensor
+    test_x: torch.Tensor
+    test_letters: torch.Tensor
+
+
+def spelling_split(
     model: Any,
-    sae: Any,
     hook_name: str,
     prompts: SpellingPrompts | Any,
     *,
@@ -497,9 +510,8 @@ def first_letter_absorption(
     seed: int = 0,
     batch_size: int = 32,
     max_words: int | None = None,
-    settings: AbsorptionSettings | None = None,
-) -> AbsorptionResult:
-    """Absorption of ``sae`` at ``hook_name`` of ``model`` on the first-letter task.
+) -> SpellingSplit:
+    """Split the words of ``prompts`` into train / test and read their activations at ``hook_name``.
 
     ``prompts`` is :class:`SpellingPrompts` or a tokenizer (then :func:`spelling_prompts` on its
     alphabetic vocabulary, each split's in-context examples drawn from that split). The words
@@ -519,8 +531,6 @@ def first_letter_absorption(
             f"max_words {max_words} is too few to build prompts from a tokenizer: each split needs more "
             f"than {N_ICL} words, so max_words must be >= {least} (test_fraction {test_fraction})"
         )
-    if settings is not None and not isinstance(settings, AbsorptionSettings):
-        raise ValueError(f"settings must be AbsorptionSettings, got {type(settings).__name__}")
     resolve_hook_name(model, hook_name)
     vocab = None if isinstance(prompts, SpellingPrompts) else alphabetic_vocabulary(prompts)
     n = len(prompts.words) if vocab is None else len(vocab)
@@ -543,6 +553,43 @@ def first_letter_absorption(
     else:  # each split's in-context examples come from that split only (as SAEBench)
         p_tr = spelling_prompts(prompts, [vocab[i] for i in tr], seed=seed)
         p_te = spelling_prompts(prompts, [vocab[i] for i in te], seed=seed)
-    x_tr = spelling_activations(model, hook_name, p_tr, batch_size=batch_size)
-    x_te = spelling_activations(model, hook_name, p_te, batch_size=batch_size)
-    return absorption_from_activations(sae, x_tr, p_tr.letters, x_te, p_te.letters, settings)
+    return SpellingSplit(
+        train_x=spelling_activations(model, hook_name, p_tr, batch_size=batch_size),
+        train_letters=p_tr.letters,
+        test_x=spelling_activations(model, hook_name, p_te, batch_size=batch_size),
+        test_letters=p_te.letters,
+    )
+
+
+def absorption_of_split(
+    sae: Any, split: SpellingSplit, settings: AbsorptionSettings | None = None
+) -> AbsorptionResult:
+    """:func:`absorption_from_activations` on a :class:`SpellingSplit`."""
+    if not isinstance(split, SpellingSplit):
+        raise ValueError(f"split must be SpellingSplit, got {type(split).__name__}")
+    return absorption_from_activations(
+        sae, split.train_x, split.train_letters, split.test_x, split.test_letters, settings
+    )
+
+
+def first_letter_absorption(
+    model: Any,
+    sae: Any,
+    hook_name: str,
+    prompts: SpellingPrompts | Any,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_words: int | None = None,
+    settings: AbsorptionSettings | None = None,
+) -> AbsorptionResult:
+    """Absorption of ``sae`` at ``hook_name`` of ``model`` on the first-letter task:
+    :func:`absorption_of_split` of :func:`spelling_split` (see there for the arguments)."""
+    if settings is not None and not isinstance(settings, AbsorptionSettings):
+        raise ValueError(f"settings must be AbsorptionSettings, got {type(settings).__name__}")
+    split = spelling_split(
+        model, hook_name, prompts, test_fraction=test_fraction, seed=seed,
+        batch_size=batch_size, max_words=max_words,
+    )  # fmt: skip
+    return absorption_of_split(sae, split, settings)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sae_ext.labelled_text import LabelledTexts
+from sae_ext.metrics.absorption import SpellingSplit
 from sae_ext.model_io import (
     _grab,
     input_device,
@@ -49,13 +50,19 @@ __all__ = [
     "DEFAULT_CONTEXT_SIZE",
     "DEFAULT_KS",
     "PooledActivations",
+    "ProbeData",
     "ScaffoldTopicResult",
     "SparseProbingResult",
+    "TextActivations",
     "balanced_task",
     "k_sparse_probing",
+    "pool",
     "pooled_activations",
+    "probe_data",
     "probe_metrics",
+    "probe_metrics_of",
     "scaffold_topic_ablation",
+    "text_activations",
     "top_k_mean_diff",
     "topic_aligned_latents",
 ]
@@ -82,20 +89,31 @@ def _check_int(name: str, v: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
 
 
+@dataclass(frozen=True)
+class TextActivations:
+    """The SAE-independent half of pooling: the activations ``x [N, d_in]`` (float32) of the ``N``
+    pooled tokens of ``n`` texts at one hook, each token's text index ``text [N]``, and the texts'
+    labels ``[n]``. One model pass serves every SAE of that hook (:func:`pool`)."""
+
+    x: torch.Tensor
+    text: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+
 @torch.no_grad()
-def pooled_activations(
+def text_activations(
     model: Any,
-    sae: Any,
     hook_name: str,
     data: LabelledTexts,
     *,
     tokenizer: Any = None,
     context_size: int | None = None,
     batch_size: int = 8,
-) -> PooledActivations:
-    """Pool ``x``, ``encode(x)`` and (scaffolded SAEs) ``sae.scaffold(x)`` over the non-special
-    tokens of every text of ``data`` (``tokenizer`` defaults to ``model.tokenizer``; texts are
-    cut to ``context_size`` tokens, default ``min(128, n_ctx)``)."""
+) -> TextActivations:
+    """Run every text of ``data`` to ``hook_name`` and keep its non-special tokens (BOS prepended,
+    texts cut to ``context_size`` tokens, default ``min(128, n_ctx)``; ``tokenizer`` defaults to
+    ``model.tokenizer``)."""
     if not isinstance(data, LabelledTexts) or len(data) == 0:
         raise ValueError(f"data must be non-empty LabelledTexts, got {type(data).__name__}")
     n_ctx = getattr(model.cfg, "n_ctx", None)
@@ -108,8 +126,6 @@ def pooled_activations(
         raise ValueError("no tokenizer: pass tokenizer= or use a model that has one")
     if n_ctx and context_size > n_ctx:
         raise ValueError(f"context_size {context_size} exceeds the model's n_ctx {n_ctx}")
-    if int(sae.cfg.d_in) <= 0:
-        raise ValueError("the SAE has no input width")
     hook = resolve_hook_name(model, hook_name)
     special = special_token_ids(model, tok)
     bos = getattr(tok, "bos_token_id", None)
@@ -121,9 +137,7 @@ def pooled_activations(
             tok(text, add_special_tokens=False)["input_ids"]
         )
         rows.append(ids[:context_size])
-    has_scaffold = hasattr(sae, "scaffold") and hasattr(sae, "scaffold_subspace")
-    p = next(sae.parameters())
-    xs, fs, ss = [], [], []
+    xs, owner = [], []
     dev = input_device(model)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -135,20 +149,65 @@ def pooled_activations(
             keep &= ~mask
         if bool((keep.sum(1) == 0).any()):
             raise ValueError("a text has no non-special token to pool over")
-        act = _grab(model, hook, toks.to(dev), None).to(p.device, p.dtype)
-        w = keep.to(act.device, torch.float32).unsqueeze(-1)
-        denom = w.sum(1)
-        xs.append(((act.float() * w).sum(1) / denom).cpu())
-        fs.append((sae_codes(sae, act).to(w.device) * w).sum(1).div(denom).cpu())
-        if has_scaffold:
-            ss.append(((sae.scaffold(act).float() * w).sum(1) / denom).cpu())
-    return PooledActivations(
+        act = _grab(model, hook, toks.to(dev), None).float().cpu()  # [batch, pos, d_in]
+        xs.append(act[keep])
+        owner.append((torch.arange(len(batch)) + start).unsqueeze(1).expand_as(keep)[keep])
+    return TextActivations(
         x=torch.cat(xs),
-        codes=torch.cat(fs),
-        scaffold=torch.cat(ss) if has_scaffold else None,
+        text=torch.cat(owner),
         labels=torch.tensor(data.labels, dtype=torch.long),
         classes=data.classes,
     )
+
+
+@torch.no_grad()
+def pool(sae: Any, acts: TextActivations, *, batch_size: int = 4096) -> PooledActivations:
+    """Mean-pool ``x``, ``encode(x)`` and (scaffolded SAEs) ``sae.scaffold(x)`` over each text's
+    tokens of ``acts``."""
+    if not isinstance(acts, TextActivations):
+        raise ValueError(f"acts must be TextActivations, got {type(acts).__name__}")
+    if int(sae.cfg.d_in) != acts.x.shape[1]:
+        raise ValueError(
+            f"the SAE's d_in {int(sae.cfg.d_in)} differs from the activations' width {acts.x.shape[1]}"
+        )
+    _check_int("batch_size", batch_size, 1)
+    n = len(acts.labels)
+    count = torch.zeros(n).index_add_(0, acts.text, torch.ones(len(acts.text))).unsqueeze(1)
+    has_scaffold = hasattr(sae, "scaffold") and hasattr(sae, "scaffold_subspace")
+    p = next(sae.parameters())
+    codes = torch.zeros(n, int(sae.cfg.d_sae))
+    scaffold = torch.zeros(n, acts.x.shape[1]) if has_scaffold else None
+    for x, owner in zip(torch.split(acts.x, batch_size), torch.split(acts.text, batch_size), strict=True):
+        codes.index_add_(0, owner, sae_codes(sae, x, batch_size))
+        if scaffold is not None:
+            scaffold.index_add_(0, owner, sae.scaffold(x.to(p.device, p.dtype)).float().cpu())
+    return PooledActivations(
+        x=torch.zeros(n, acts.x.shape[1]).index_add_(0, acts.text, acts.x) / count,
+        codes=codes / count,
+        scaffold=scaffold / count if scaffold is not None else None,
+        labels=acts.labels,
+        classes=acts.classes,
+    )
+
+
+def pooled_activations(
+    model: Any,
+    sae: Any,
+    hook_name: str,
+    data: LabelledTexts,
+    *,
+    tokenizer: Any = None,
+    context_size: int | None = None,
+    batch_size: int = 8,
+) -> PooledActivations:
+    """Pool ``x``, ``encode(x)`` and (scaffolded SAEs) ``sae.scaffold(x)`` over the non-special
+    tokens of every text of ``data``: :func:`pool` of :func:`text_activations`."""
+    if int(sae.cfg.d_in) <= 0:
+        raise ValueError("the SAE has no input width")
+    acts = text_activations(
+        model, hook_name, data, tokenizer=tokenizer, context_size=context_size, batch_size=batch_size
+    )  # fmt: skip
+    return pool(sae, acts)
 
 
 def balanced_task(labels: torch.Tensor, cls: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,13 +295,7 @@ def k_sparse_probing(
 ) -> SparseProbingResult:
     """SAEBench's k-sparse probing on pooled activations (see the module doc)."""
     _check_pooled(train, test)
-    ks = tuple(ks)
-    if not ks:
-        raise ValueError("ks must hold at least one k")
-    for k in ks:
-        _check_int("every k", k, 1)
-        if k > train.codes.shape[1]:
-            raise ValueError(f"k = {k} exceeds d_sae = {train.codes.shape[1]}")
+    ks = _check_ks(ks, train.codes.shape[1])
     names = train.classes
     dense = _dense_accuracy(train.x, train.labels, test.x, test.labels, len(names), seed)
     sparse: dict[int, dict[str, float]] = {k: {} for k in ks}
@@ -331,6 +384,99 @@ def scaffold_topic_ablation(
     )
 
 
+def _check_ks(ks: Sequence[int], d_sae: int) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks must hold at least one k")
+    for k in ks:
+        _check_int("every k", k, 1)
+        if k > d_sae:
+            raise ValueError(f"k = {k} exceeds d_sae = {d_sae}")
+    return ks
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """Everything :func:`probe_metrics` reads from the model at one hook: the Python-docs
+    sections' token activations (train, test) and the spelling words' activations. Built once
+    (:func:`probe_data`), it scores any number of SAEs of that hook (:func:`probe_metrics_of`)."""
+
+    hook_name: str
+    train: TextActivations
+    test: TextActivations
+    spelling: SpellingSplit
+    seed: int
+
+
+def probe_data(
+    model: Any,
+    hook_name: str,
+    *,
+    tokenizer: Any = None,
+    per_class: int | None = None,
+    absorption_words: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> ProbeData:
+    """The model's half of issue #23's metrics at ``hook_name``; ``per_class`` /
+    ``absorption_words`` cap the data (quick runs)."""
+    from sae_ext.labelled_text import python_doc_sections
+    from sae_ext.metrics.absorption import spelling_split
+
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("no tokenizer: pass tokenizer= or use a model that has one")
+    _check_int("seed", seed, 0)
+    resolve_hook_name(model, hook_name)
+    train, test = (
+        text_activations(model, hook_name, python_doc_sections(split, per_class=per_class),
+                         tokenizer=tok, batch_size=batch_size)
+        for split in ("train", "test")
+    )  # fmt: skip
+    spelling = spelling_split(
+        model, hook_name, tok, seed=seed, batch_size=batch_size, max_words=absorption_words
+    )  # fmt: skip
+    return ProbeData(hook_name, train, test, spelling, seed)
+
+
+def _check_sae_for(sae: Any, ks: Sequence[int], n_topic_latents: int | None) -> tuple[int, ...]:
+    d_sae = int(sae.cfg.d_sae)
+    if n_topic_latents is not None:
+        _check_int("n_topic_latents", n_topic_latents, 1)
+        if n_topic_latents > d_sae:
+            raise ValueError(f"n_topic_latents = {n_topic_latents} exceeds d_sae = {d_sae}")
+    return _check_ks(ks, d_sae)
+
+
+def probe_metrics_of(
+    sae: Any,
+    data: ProbeData,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_topic_latents: int | None = None,
+) -> dict[str, Any]:
+    """Issue #23's metrics of ``sae`` on ``data`` (see :func:`probe_metrics`)."""
+    from sae_ext.metrics.absorption import absorption_of_split
+
+    if not isinstance(data, ProbeData):
+        raise ValueError(f"data must be ProbeData, got {type(data).__name__}")
+    if int(sae.cfg.d_in) != data.train.x.shape[1]:
+        raise ValueError(
+            f"the SAE's d_in {int(sae.cfg.d_in)} differs from the width {data.train.x.shape[1]} "
+            f"of the activations at {data.hook_name}"
+        )
+    ks = _check_sae_for(sae, ks, n_topic_latents)
+    train, test = pool(sae, data.train), pool(sae, data.test)
+    out: dict[str, Any] = {
+        "k_sparse_probing": k_sparse_probing(train, test, ks, seed=data.seed).to_dict()
+    }
+    if train.scaffold is not None:
+        n = n_topic_latents or min(16 * int(sae.cfg.scaffold_rank), int(sae.cfg.d_sae))
+        out["scaffold_topic"] = scaffold_topic_ablation(sae, train, test, n, seed=data.seed).to_dict()
+    out["absorption"] = absorption_of_split(sae, data.spelling).to_dict()
+    return out
+
+
 def probe_metrics(
     model: Any,
     sae: Any,
@@ -347,31 +493,12 @@ def probe_metrics(
     """All of issue #23's interpretability metrics of ``sae`` at ``hook_name`` as one dict:
     first-letter absorption, k-sparse probing on the Python-docs sections and, for scaffolded
     SAEs, the scaffold-vs-sparse-latents topic test (``n_topic_latents`` defaults to the
-    scaffold rank times 16). ``per_class`` / ``absorption_words`` cap the data (quick runs)."""
-    from sae_ext.labelled_text import python_doc_sections
-    from sae_ext.metrics.absorption import first_letter_absorption
-
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError("no tokenizer: pass tokenizer= or use a model that has one")
-    if n_topic_latents is not None:
-        _check_int("n_topic_latents", n_topic_latents, 1)
-    resolve_hook_name(model, hook_name)
-    train = pooled_activations(
-        model, sae, hook_name, python_doc_sections("train", per_class=per_class),
-        tokenizer=tok, batch_size=batch_size,
+    scaffold rank times 16). ``per_class`` / ``absorption_words`` cap the data (quick runs).
+    Several SAEs of one hook share one model pass with :func:`probe_data` and
+    :func:`probe_metrics_of`."""
+    _check_sae_for(sae, ks, n_topic_latents)
+    data = probe_data(
+        model, hook_name, tokenizer=tokenizer, per_class=per_class,
+        absorption_words=absorption_words, batch_size=batch_size, seed=seed,
     )  # fmt: skip
-    test = pooled_activations(
-        model, sae, hook_name, python_doc_sections("test", per_class=per_class),
-        tokenizer=tok, batch_size=batch_size,
-    )  # fmt: skip
-    out: dict[str, Any] = {
-        "k_sparse_probing": k_sparse_probing(train, test, ks, seed=seed).to_dict()
-    }
-    if train.scaffold is not None:
-        n = n_topic_latents or 16 * int(sae.cfg.scaffold_rank)
-        out["scaffold_topic"] = scaffold_topic_ablation(sae, train, test, n, seed=seed).to_dict()
-    out["absorption"] = first_letter_absorption(
-        model, sae, hook_name, tok, seed=seed, batch_size=batch_size, max_words=absorption_words
-    ).to_dict()
-    return out
+    return probe_metrics_of(sae, data, ks=ks, n_topic_latents=n_topic_latents)

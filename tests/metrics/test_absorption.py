@@ -15,7 +15,6 @@ import re
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from sae_ext.metrics.absorption import (
@@ -30,7 +29,7 @@ from sae_ext.metrics.absorption import (
     spelling_prompts,
 )
 from sae_ext.saes.sasa import SASASAE, SASASAEConfig
-from sae_ext.testing import tiny_hooked_transformer
+from sae_ext.testing import tiny_hooked_transformer, tiny_word_tokenizer
 
 N_LETTERS = 4  # letters a..d
 WORDS_PER_LETTER = 20
@@ -194,13 +193,7 @@ def test_model_pipeline_reads_the_word_position_and_matches_the_activation_metri
 
 
 def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    extra = ["has", "the", "first", "letter:", *[c.upper() for c in LETTERS], "x1", "can't"]
-    vocab = {"<bos>": 0, **{w: i + 1 for i, w in enumerate([*words, *extra])}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<bos>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", pad_token="<bos>", unk_token="<bos>"
-    )
+    return tiny_word_tokenizer([*words, "x1", "can't"], unk_token="<bos>")
 
 
 def test_spelling_prompts_splice_the_word_token_after_solved_examples() -> None:

@@ -223,25 +223,21 @@ def test_scaffold_topic_ablation_rejects_bad_inputs() -> None:
         scaffold_topic_ablation(sae, no_scaffold, no_scaffold, n_latents=1)
 
 
+def _tiny_model_and_tokenizer():
+    """A tiny HookedTransformer and a word-level tokenizer with 64 alphabetic words."""
+    from sae_ext.testing import tiny_hooked_transformer, tiny_word_tokenizer
+
+    tok = tiny_word_tokenizer([a + b for a in "abcdefgh" for b in "aeiouxyz"])
+    return tiny_hooked_transformer(d_model=32, d_vocab=len(tok), n_ctx=80), tok
+
+
 def test_probe_metrics_runs_every_metric_on_a_tiny_model() -> None:
     """End to end on a tiny HookedTransformer with a word-level tokenizer: the labelled corpus
     (mostly unknown words here), the scaffold topic test and the absorption pipeline all run
     and report their fields; the numbers of a random model carry no meaning."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from sae_ext.metrics.probing import probe_metrics
-    from sae_ext.testing import tiny_hooked_transformer
 
-    words = [a + b for a in "abcdefgh" for b in "aeiouxyz"]  # 64 alphabetic words
-    extra = ["has", "the", "first", "letter:", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
-    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate([*words, *extra])}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", pad_token="<bos>", unk_token="<unk>"
-    )
-    model = tiny_hooked_transformer(d_model=32, d_vocab=len(vocab), n_ctx=80)
+    model, tok = _tiny_model_and_tokenizer()
     out = probe_metrics(
         model, _scaffold_sae(32), "blocks.0.hook_resid_post", tokenizer=tok, ks=(1, 2),
         per_class=4, n_topic_latents=3,
@@ -254,3 +250,32 @@ def test_probe_metrics_runs_every_metric_on_a_tiny_model() -> None:
         probe_metrics(
             model, _scaffold_sae(32), "blocks.0.hook_resid_post", tokenizer=tok, n_topic_latents=0
         )
+
+
+def test_one_model_pass_scores_several_saes_as_probe_metrics_does() -> None:
+    """``probe_data`` once, then ``probe_metrics_of`` per SAE: the same numbers as a separate
+    ``probe_metrics`` call for each SAE (what the sweep benches rely on)."""
+    from sae_ext.metrics.probing import probe_data, probe_metrics, probe_metrics_of
+
+    model, tok = _tiny_model_and_tokenizer()
+    hook = "blocks.0.hook_resid_post"
+    torch.manual_seed(0)
+    plain = StandardSAE(StandardSAEConfig(d_in=32, d_sae=48))
+    data = probe_data(model, hook, tokenizer=tok, per_class=4, seed=1)
+    assert data.train.x.shape[1] == 32 and len(data.train.text) == len(data.train.x)
+    assert data.spelling.train_x.shape[1] == 32
+    for sae in (plain, _scaffold_sae(32)):
+        shared = probe_metrics_of(sae, data, ks=(1, 3), n_topic_latents=2)
+        alone = probe_metrics(model, sae, hook, tokenizer=tok, ks=(1, 3), n_topic_latents=2,
+                              per_class=4, seed=1)  # fmt: skip
+        assert shared == alone
+    assert "scaffold_topic" not in probe_metrics_of(plain, data, ks=(1,))
+    with pytest.raises(ValueError, match="d_in 16 differs"):
+        probe_metrics_of(StandardSAE(StandardSAEConfig(d_in=16, d_sae=8)), data)
+    with pytest.raises(ValueError, match="k = 99 exceeds d_sae = 48"):
+        probe_metrics_of(plain, data, ks=(99,))
+    with pytest.raises(ValueError, match="data must be ProbeData"):
+        probe_metrics_of(plain, data.train)
+    with pytest.raises(ValueError, match="n_topic_latents = 20 exceeds d_sae = 14"):
+        # rejected before the model pass: no tokenizer would be needed to get there
+        probe_metrics(None, _scaffold_sae(16), hook, n_topic_latents=20)
