@@ -181,7 +181,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model = load_default_model()
-    data = probe_data(model, grid.hook, per_class=args.per_class, absorption_words=args.absorption_words)
+    data = probe_data(model, grid.hook, per_class=args.per_class, absorption_words=args.absorption_words,
+                      progress=True)
     data_s = time.perf_counter() - t0
     rows = score_runs(found, data)
     pairs = against_baseline(rows)

@@ -312,7 +312,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
         hook = args.hook or sae.cfg.metadata.hook_name
         probes = probe_metrics(model, sae, hook, per_class=args.probe_per_class,
-                               absorption_words=args.absorption_words, batch_size=args.batch_size, seed=args.seed)
+                               absorption_words=args.absorption_words, batch_size=args.batch_size, seed=args.seed,
+                               progress=True)
         (out_dir / "probes.json").write_text(json.dumps(json_safe(probes), indent=2))
         print(f"wrote {out_dir / 'probes.json'}")
     ev, dm = result.run_evals, result.dark_matter

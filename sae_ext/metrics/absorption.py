@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sae_ext.evaluation_spec import evaluation_spec
 from sae_ext.model_io import _grab, input_device, resolve_hook_name
@@ -215,7 +216,7 @@ def spelling_prompts(
 
 @torch.no_grad()
 def spelling_activations(
-    model: Any, hook_name: str, prompts: SpellingPrompts, *, batch_size: int = 32
+    model: Any, hook_name: str, prompts: SpellingPrompts, *, batch_size: int = 32, progress: bool = False
 ) -> torch.Tensor:
     """Activations ``[n_words, d]`` (float32, CPU) at ``hook_name`` on each prompt's word token."""
     if not isinstance(prompts, SpellingPrompts):
@@ -235,7 +236,8 @@ def spelling_activations(
         )
     out = []
     dev = input_device(model)
-    for start in range(0, len(prompts.words), batch_size):
+    starts = range(0, len(prompts.words), batch_size)
+    for start in tqdm(starts, desc=f"spelling words at {hook_name}", unit="batch", disable=not progress):
         toks = prompts.tokens[start : start + batch_size]
         # the model is causal: right padding never reaches the word position
         width = int(prompts.positions[start : start + batch_size].max()) + 1
@@ -510,6 +512,7 @@ def spelling_split(
     seed: int = 0,
     batch_size: int = 32,
     max_words: int | None = None,
+    progress: bool = False,
 ) -> SpellingSplit:
     """Split the words of ``prompts`` into train / test and read their activations at ``hook_name``.
 
@@ -554,9 +557,9 @@ def spelling_split(
         p_tr = spelling_prompts(prompts, [vocab[i] for i in tr], seed=seed)
         p_te = spelling_prompts(prompts, [vocab[i] for i in te], seed=seed)
     return SpellingSplit(
-        train_x=spelling_activations(model, hook_name, p_tr, batch_size=batch_size),
+        train_x=spelling_activations(model, hook_name, p_tr, batch_size=batch_size, progress=progress),
         train_letters=p_tr.letters,
-        test_x=spelling_activations(model, hook_name, p_te, batch_size=batch_size),
+        test_x=spelling_activations(model, hook_name, p_te, batch_size=batch_size, progress=progress),
         test_letters=p_te.letters,
     )
 

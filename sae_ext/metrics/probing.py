@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sae_ext.labelled_text import LabelledTexts
 from sae_ext.metrics.absorption import SpellingSplit
@@ -110,6 +111,7 @@ def text_activations(
     tokenizer: Any = None,
     context_size: int | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> TextActivations:
     """Run every text of ``data`` to ``hook_name`` and keep its non-special tokens (BOS prepended,
     texts cut to ``context_size`` tokens, default ``min(128, n_ctx)``; ``tokenizer`` defaults to
@@ -139,7 +141,8 @@ def text_activations(
         rows.append(ids[:context_size])
     xs, owner = [], []
     dev = input_device(model)
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=f"texts at {hook_name}", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
         width = max(map(len, batch))
         toks = torch.tensor([r + [pad] * (width - len(r)) for r in batch], dtype=torch.long)
@@ -417,9 +420,10 @@ def probe_data(
     absorption_words: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    progress: bool = False,
 ) -> ProbeData:
     """The model's half of issue #23's metrics at ``hook_name``; ``per_class`` /
-    ``absorption_words`` cap the data (quick runs)."""
+    ``absorption_words`` cap the data (quick runs); ``progress`` shows tqdm bars."""
     from sae_ext.labelled_text import python_doc_sections
     from sae_ext.metrics.absorption import spelling_split
 
@@ -430,11 +434,12 @@ def probe_data(
     resolve_hook_name(model, hook_name)
     train, test = (
         text_activations(model, hook_name, python_doc_sections(split, per_class=per_class),
-                         tokenizer=tok, batch_size=batch_size)
+                         tokenizer=tok, batch_size=batch_size, progress=progress)
         for split in ("train", "test")
     )  # fmt: skip
     spelling = spelling_split(
-        model, hook_name, tok, seed=seed, batch_size=batch_size, max_words=absorption_words
+        model, hook_name, tok, seed=seed, batch_size=batch_size, max_words=absorption_words,
+        progress=progress,
     )  # fmt: skip
     return ProbeData(hook_name, train, test, spelling, seed)
 
@@ -489,6 +494,7 @@ def probe_metrics(
     absorption_words: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """All of issue #23's interpretability metrics of ``sae`` at ``hook_name`` as one dict:
     first-letter absorption, k-sparse probing on the Python-docs sections and, for scaffolded
@@ -499,6 +505,6 @@ def probe_metrics(
     _check_sae_for(sae, ks, n_topic_latents)
     data = probe_data(
         model, hook_name, tokenizer=tokenizer, per_class=per_class,
-        absorption_words=absorption_words, batch_size=batch_size, seed=seed,
+        absorption_words=absorption_words, batch_size=batch_size, seed=seed, progress=progress,
     )  # fmt: skip
     return probe_metrics_of(sae, data, ks=ks, n_topic_latents=n_topic_latents)
