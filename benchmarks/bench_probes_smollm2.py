@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.metrics.probing import DEFAULT_KS
-from sae_ext.sweep import curve_of, curve_points, load_grid, saved_runs
+from sae_ext.sweep import add_report_arguments, curve_of, curve_points, finished_report, saved_runs
 
 RESULTS = Path(__file__).parent / "results"
 #: architecture → the architecture its seed paper compares it with
@@ -158,22 +158,17 @@ def main() -> None:
     import sys
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", type=Path, required=True, help="the sweep grid (TOML/YAML/JSON) the runs came from")
-    p.add_argument("--results", type=Path, default=RESULTS / "sweeps", help="where the sweep report is")
-    p.add_argument("--out", type=Path, default=Path("sae_ext_out/sweeps"), help="the sweep's --out (saved SAEs)")
+    add_report_arguments(p, RESULTS / "sweeps")
     p.add_argument("--per-class", type=int, default=None, help="paragraphs per section (default: all)")
     p.add_argument("--absorption-words", type=int, default=None, help="spelling words (default: every eligible)")
     p.add_argument("--tag", default=None, help="output name (default probes_smollm2_<grid name>)")
     args = p.parse_args()
-    grid = load_grid(args.grid)
-    report = args.results / f"{grid.name}.json"
-    if not report.is_file():
-        raise SystemExit(f"no sweep report {report}: run `sae-ext sweep --config {args.grid}` first")
     for name in ("per_class", "absorption_words"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    found = saved_runs(json.loads(report.read_text())["runs"], args.out / grid.name / "runs")
+    grid, report, records = finished_report(args.grid, args.results)
+    found = saved_runs(records, args.out / grid.name / "runs")
     if not found:
         raise SystemExit(f"no converged run of {report} has a saved SAE under {args.out / grid.name / 'runs'}")
     from sae_ext.metrics.probing import probe_data

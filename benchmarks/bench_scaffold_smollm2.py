@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.protocol import MASSIVE_NORM_FACTOR
-from sae_ext.sweep import curve_of, curve_points, load_grid, saved_runs
+from sae_ext.sweep import add_report_arguments, curve_of, curve_points, finished_report, saved_runs
 
 RESULTS = Path(__file__).parent / "results"
 #: scaffold architecture → the plain architecture it is compared with
@@ -223,20 +223,14 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", type=Path, required=True, help="the sweep grid (TOML/YAML/JSON) the runs came from")
-    p.add_argument("--results", type=Path, default=RESULTS / "sweeps", help="where the sweep report is")
-    p.add_argument("--out", type=Path, default=Path("sae_ext_out/sweeps"), help="the sweep's --out (saved SAEs)")
+    add_report_arguments(p, RESULTS / "sweeps")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for the CE ablations")
     p.add_argument("--no-ablations", action="store_true", help="dense/dead comparison only (no model passes)")
     p.add_argument("--tag", default=None, help="output name (default scaffold_smollm2_<grid name>)")
     args = p.parse_args()
-    grid = load_grid(args.grid)
-    report = args.results / f"{grid.name}.json"
-    if not report.is_file():
-        raise SystemExit(f"no sweep report {report}: run `sae-ext sweep --config {args.grid}` first")
     if args.eval_tokens < 128:
         raise SystemExit(f"--eval-tokens must be >= 128 (one row), got {args.eval_tokens}")
-    records = json.loads(report.read_text())["runs"]
+    grid, report, records = finished_report(args.grid, args.results)
     t0 = time.perf_counter()
     dense = dense_at_matched_l0(records)
     abl: list[dict[str, Any]] = []

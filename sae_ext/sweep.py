@@ -390,6 +390,23 @@ def record_matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
     return all(record.get(k) == v for k, v in json.loads(json.dumps(key)).items())
 
 
+def add_report_arguments(p: argparse.ArgumentParser, results_default: str | Path) -> None:
+    """``--grid``, ``--results`` and ``--out``: where a script that reads a finished sweep finds its
+    grid, its report and its saved SAEs (the sweep's own ``--out``)."""
+    p.add_argument("--grid", type=Path, required=True, help="the sweep grid (TOML/YAML/JSON) the runs came from")
+    p.add_argument("--results", type=Path, default=Path(results_default), help="where the sweep report is")
+    p.add_argument("--out", type=Path, default=Path("sae_ext_out/sweeps"), help="the sweep's --out (saved SAEs)")
+
+
+def finished_report(grid_path: str | Path, results_dir: str | Path) -> tuple[SweepGrid, Path, list[dict[str, Any]]]:
+    """The grid at ``grid_path``, its report's path under ``results_dir`` and the report's records."""
+    grid = load_grid(grid_path)
+    report = Path(results_dir) / f"{grid.name}.json"
+    if not report.is_file():
+        raise FileNotFoundError(f"no sweep report {report}: run `sae-ext sweep --config {grid_path}` first")
+    return grid, report, json.loads(report.read_text())["runs"]
+
+
 def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
     """The converged ``records`` of a report paired with their saved SAE folder under ``runs`` (a
     grid's ``<out>/<name>/runs``); a record without one is skipped with a note."""

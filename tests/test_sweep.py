@@ -440,3 +440,22 @@ def test_reported_runs_of_other_settings_are_kept_apart_and_reused(tmp_path: Pat
     again = run_sweep(both, model, train, ev, tmp_path / "fresh2", tmp_path / "res", special_tokens=[0])
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, first))
     assert "other_runs" not in json.loads((tmp_path / "res" / "tiny.json").read_text())
+
+
+def test_finished_report_reads_a_grids_report_or_names_the_missing_one(tmp_path: Path) -> None:
+    import argparse
+
+    from sae_ext.sweep import add_report_arguments, finished_report
+
+    spec = {"name": "g", "hook": HOOK, "archs": [{"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2]}]}
+    (tmp_path / "g.json").write_text(json.dumps(spec))
+    p = argparse.ArgumentParser()
+    add_report_arguments(p, tmp_path / "res")
+    args = p.parse_args(["--grid", str(tmp_path / "g.json")])
+    assert args.results == tmp_path / "res" and args.out == Path("sae_ext_out/sweeps")
+    with pytest.raises(FileNotFoundError, match=r"no sweep report .*g\.json: run `sae-ext sweep --config"):
+        finished_report(args.grid, args.results)
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "g.json").write_text(json.dumps({"runs": [{"line": "topk", "value": 2}]}))
+    grid, report, records = finished_report(args.grid, args.results)
+    assert grid.name == "g" and report == tmp_path / "res" / "g.json" and records == [{"line": "topk", "value": 2}]

@@ -581,18 +581,12 @@ def first_letter_absorption(
     hook_name: str,
     prompts: SpellingPrompts | Any,
     *,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    batch_size: int = 32,
-    max_words: int | None = None,
     settings: AbsorptionSettings | None = None,
+    **split_options: Any,
 ) -> AbsorptionResult:
     """Absorption of ``sae`` at ``hook_name`` of ``model`` on the first-letter task:
-    :func:`absorption_of_split` of :func:`spelling_split` (see there for the arguments)."""
+    :func:`absorption_of_split` of :func:`spelling_split` (``split_options``: its keyword
+    arguments ``test_fraction``, ``seed``, ``batch_size``, ``max_words``, ``progress``)."""
     if settings is not None and not isinstance(settings, AbsorptionSettings):
         raise ValueError(f"settings must be AbsorptionSettings, got {type(settings).__name__}")
-    split = spelling_split(
-        model, hook_name, prompts, test_fraction=test_fraction, seed=seed,
-        batch_size=batch_size, max_words=max_words,
-    )  # fmt: skip
-    return absorption_of_split(sae, split, settings)
+    return absorption_of_split(sae, spelling_split(model, hook_name, prompts, **split_options), settings)
