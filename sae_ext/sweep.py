@@ -352,19 +352,10 @@ def _run_one(task: _Task, model: Any | None = None) -> dict[str, Any]:
 def _finished_half_run(runs: Path, key: dict[str, Any]) -> Path | None:
     """A finished run under ``runs`` of ``key``'s setting at half its tokens (any line name: a
     line at a doubled budget reuses the shorter line's run as its half-budget twin), or ``None``."""
-    from sae_lens.constants import SAE_WEIGHTS_FILENAME
-
     if key["tokens"] < 2:
         return None
     want = {k: v for k, v in {**key, "tokens": key["tokens"] // 2}.items() if k != "line"}
-    for rec in sorted(runs.glob("*/record.json")) if runs.is_dir() else []:
-        try:
-            stored = json.loads(rec.read_text())["key"]
-        except (json.JSONDecodeError, KeyError):
-            continue
-        if record_matches(want, stored) and (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
-            return rec.parent
-    return None
+    return next((d for stored, d in _saved_run_keys(runs) if record_matches(want, stored)), None)
 
 
 def _device_name(device: str) -> str:
@@ -407,24 +398,31 @@ def finished_report(grid_path: str | Path, results_dir: str | Path) -> tuple[Swe
     return grid, report, json.loads(report.read_text())["runs"]
 
 
-def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
-    """The converged ``records`` of a report paired with their saved SAE folder under ``runs`` (a
-    grid's ``<out>/<name>/runs``); a record without one is skipped with a note."""
+def _saved_run_keys(runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
+    """``(key, folder)`` of every run under ``runs`` whose record is readable and SAE saved."""
     from sae_lens.constants import SAE_WEIGHTS_FILENAME
 
     runs = Path(runs)
     saved = []
     for rec in sorted(runs.glob("*/record.json")) if runs.is_dir() else []:
         try:
-            saved.append((json.loads(rec.read_text())["key"], rec.parent))
+            key = json.loads(rec.read_text())["key"]
         except (json.JSONDecodeError, KeyError):
             continue
+        if (rec.parent / SAE_WEIGHTS_FILENAME).is_file():
+            saved.append((key, rec.parent))
+    return saved
+
+
+def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
+    """The converged ``records`` of a report paired with their saved SAE folder under ``runs`` (a
+    grid's ``<out>/<name>/runs``); a record without one is skipped with a note."""
+    saved = _saved_run_keys(runs)
     found = []
     for r in records:
         if not r["converged"]:
             continue
-        d = next((d for key, d in saved
-                  if record_matches(key, r) and (d / SAE_WEIGHTS_FILENAME).is_file()), None)  # fmt: skip
+        d = next((d for key, d in saved if record_matches(key, r)), None)
         if d is None:
             print(f"skipped {r['line']} {r['knob']}={r['value']} seed {r['seed']}: no saved SAE under {runs}")
         else:
