@@ -9,7 +9,7 @@ accuracy (k 1, 2, 5, 20) against the dense probe, and for scaffolded SAEs the to
 accuracy with the scaffold removed vs the most topic-aligned sparse latents ablated).
 
 Each architecture is then read against its comparison architecture at matched L0 (its curve
-interpolated in log L0 to the run's L0, and the run of the same knob value): scaffolded ↔ plain
+interpolated in log L0 to the run's L0, and its run of the same active columns: k, or s·r for SASA): scaffolded ↔ plain
 BatchTopK / Matryoshka, SASA ↔ TopK / BatchTopK, SA-GSAE ↔ JumpReLU. Only converged runs (SPEC §8).
 Writes ``benchmarks/results/<tag>.{json,md}``.
 
@@ -30,17 +30,17 @@ from tqdm.auto import tqdm
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.metrics.probing import DEFAULT_KS
-from sae_ext.sweep import add_report_arguments, curve_of, curve_points, finished_report, saved_runs
+from sae_ext.sweep import (
+    BASELINE_ARCHITECTURE,
+    active_columns,
+    add_report_arguments,
+    curve_of,
+    curve_points,
+    finished_report,
+    saved_runs,
+)
 
 RESULTS = Path(__file__).parent / "results"
-#: architecture → the architecture its seed paper compares it with
-BASELINE = {
-    "scaffold_batchtopk": "batchtopk",
-    "scaffold_matryoshka_batchtopk": "matryoshka_batchtopk",
-    "sasa": "topk",
-    "sasa_batchtopk": "batchtopk",
-    "sign_aware_gated": "jumprelu",
-}
 #: the per-run metrics read against the baseline (name → higher is better)
 METRICS = {
     "absorption_fraction": False,
@@ -82,16 +82,16 @@ def score_runs(found: list[tuple[dict[str, Any], Path]], data: Any) -> list[dict
 
 
 def against_baseline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each run of an architecture in :data:`BASELINE` against every curve of its baseline
-    architecture: the metric there interpolated at the run's L0 (NaN outside), and at the same
-    knob value (seeds averaged)."""
+    """Each run of an architecture in :data:`BASELINE_ARCHITECTURE` against every curve of its
+    baseline architecture: the metric there interpolated at the run's L0 (NaN outside), and its run
+    of the same active columns (:func:`active_columns`; seeds averaged)."""
     out = []
     for r in sorted(rows, key=lambda r: (curve_of(r), r["l0"])):
-        base = BASELINE.get(r["architecture"])
+        base = BASELINE_ARCHITECTURE.get(r["architecture"])
         for curve in sorted({curve_of(b) for b in rows if b["architecture"] == base}):
             row: dict[str, Any] = {"curve": curve_of(r), "baseline": curve, "value": r["value"], "seed": r["seed"],
                                    "l0": r["l0"]}
-            same = [b for b in rows if curve_of(b) == curve and b["value"] == r["value"]]
+            same = [b for b in rows if curve_of(b) == curve and active_columns(b) == active_columns(r)]
             for m in METRICS:
                 pts = curve_points(rows, curve, m)
                 row[m] = r[m]
@@ -144,7 +144,7 @@ def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], pairs: list[
         out += [
             "", "## Against the baseline architecture at matched L0", "",
             "Each cell: the run's value / the baseline curve read at the run's L0 (log-L0 interpolation; – outside "
-            "its range) / the baseline run of the same knob value.", "",
+            "its range) / the baseline run of the same active columns (k; s·r for SASA).", "",
             "| curve | baseline | value | L0 | " + " | ".join(METRICS) + " |",
             "|---|---|---|---|" + "---|" * len(METRICS),
         ]

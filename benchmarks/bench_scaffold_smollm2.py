@@ -33,11 +33,18 @@ from tqdm.auto import tqdm
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.protocol import MASSIVE_NORM_FACTOR
-from sae_ext.sweep import add_report_arguments, curve_of, curve_points, finished_report, saved_runs
+from sae_ext.sweep import (
+    BASELINE_ARCHITECTURE,
+    add_report_arguments,
+    curve_of,
+    curve_points,
+    finished_report,
+    saved_runs,
+)
 
 RESULTS = Path(__file__).parent / "results"
 #: scaffold architecture → the plain architecture it is compared with
-PLAIN = {"scaffold_batchtopk": "batchtopk", "scaffold_matryoshka_batchtopk": "matryoshka_batchtopk"}
+PLAIN = {a: b for a, b in BASELINE_ARCHITECTURE.items() if a.startswith("scaffold_")}
 
 
 def dense_at_matched_l0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -650,6 +650,28 @@ def run_sweep(
 # -------------------------------------------------------------------------------------- report
 
 
+#: architecture → the architecture its seed paper compares it with (the benches read each run of
+#: the first against the second's curve at matched L0 and its run of the same active columns)
+BASELINE_ARCHITECTURE = {
+    "scaffold_batchtopk": "batchtopk",
+    "scaffold_matryoshka_batchtopk": "matryoshka_batchtopk",
+    "sasa": "topk",
+    "sasa_batchtopk": "batchtopk",
+    "sign_aware_gated": "jumprelu",
+}
+
+
+def active_columns(record: dict[str, Any]) -> float | int:
+    """A run's knob value in decoder columns a token may use, the value runs of different
+    architectures are compared at: SASA's ``n_active_groups`` × ``group_rank`` (s·r = k), any other
+    knob as it is (k, or a coefficient compared with the same coefficient)."""
+    if record["knob"] != "n_active_groups":
+        return record["value"]
+    from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
+
+    return record["value"] * (record.get("config") or {}).get("group_rank", DEFAULT_GROUP_RANK)
+
+
 def curve_of(record: dict[str, Any]) -> str:
     """The curve a record is drawn on: its line's ``curve`` (default: the line)."""
     return record.get("curve") or record["line"]

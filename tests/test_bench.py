@@ -178,3 +178,50 @@ def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_pat
         assert pair[f"{m}_baseline_same_value"] == b or math.isnan(b)
     md = bench.markdown("g", "h", rows, [pair], (10, 2), (20, 20), 1.0, "cmd")
     assert "## Scaffold vs sparse latents" in md and "## Against the baseline architecture at matched L0" in md
+
+
+def _sasa_record(arch: str, r: int, s: int, r2: float, r2_half: float | None = None, converged: bool = True) -> dict:
+    knob = "n_active_groups" if arch.startswith("sasa") else "k"
+    config = {"group_rank": r} if arch.startswith("sasa") else {}
+    line = f"{arch} r{r}" if arch.startswith("sasa") else arch
+    return {"architecture": arch, "line": line, "knob": knob, "value": s, "seed": 0, "config": config,
+            "l0": float(r * s), "r2": r2, "r2_half": r2 if r2_half is None else r2_half, "converged": converged,
+            "ce_loss_recovered": r2 - 0.1, "kl_score": r2 - 0.2, "dead_fraction": 0.0, "dense_fraction": 0.01,
+            "mean_group_stable_rank": 1.5}
+
+
+def test_sasa_rank_rows_compare_each_rank_with_the_baseline_of_the_same_active_columns(tmp_path: Path) -> None:
+    """SASA runs at s·r = 8 are read against the TopK / BatchTopK run of k = 8 (not k = 4, nor the
+    unconverged k = 8 seed), at full and half budget; probes rows join by line, value and seed;
+    the recommended r is the converged run with the best R²."""
+    import math
+
+    bench = _bench("bench_sasa_rank_smollm2")
+    records = [
+        _sasa_record("topk", 1, 8, 0.90), _sasa_record("topk", 1, 4, 0.80),
+        {**_sasa_record("topk", 1, 8, 0.50), "seed": 1, "converged": False},
+        _sasa_record("batchtopk", 1, 8, 0.92),
+        _sasa_record("sasa", 1, 8, 0.88, r2_half=0.86), _sasa_record("sasa", 2, 4, 0.89),
+        _sasa_record("sasa", 4, 2, 0.95, converged=False),
+        _sasa_record("sasa_batchtopk", 2, 4, 0.93, r2_half=None),
+    ]
+    probes = [{"line": "sasa r2", "value": 4, "seed": 0, "absorption_fraction": 0.1, "full_absorption_rate": 0.0,
+               "split_features": 1.0},
+              {"line": "topk", "value": 8, "seed": 0, "absorption_fraction": 0.3, "full_absorption_rate": 0.1,
+               "split_features": 2.0}]
+    rows = bench.rank_rows(records, probes)
+    assert [(r["architecture"], r["group_rank"]) for r in rows] == [
+        ("sasa", 1), ("sasa", 2), ("sasa", 4), ("sasa_batchtopk", 2)]
+    r1, r2, r4, bt = rows
+    assert r1["active_columns"] == r2["active_columns"] == 8
+    assert r1["r2_gap_topk"] == pytest.approx(-0.02) and r1["r2_half_gap_topk"] == pytest.approx(-0.04)
+    assert r1["ce_loss_recovered_gap_topk"] == pytest.approx(-0.02)
+    assert bt["r2_gap_batchtopk"] == pytest.approx(0.01) and bt["r2_gap_topk"] == pytest.approx(0.03)
+    assert r2["absorption_fraction"] == 0.1 and r2["absorption_fraction_topk"] == 0.3 and r2["split_features_topk"] == 2.0
+    assert math.isnan(r1["absorption_fraction"]) and math.isnan(bt["absorption_fraction_batchtopk"])
+    best = bench.recommend(rows)
+    assert best["sasa"]["group_rank"] == 2 and best["sasa_batchtopk"]["group_rank"] == 2  # r 4 is unconverged
+    md = bench.markdown("g", "hook", rows, best, "cmd", "g.png")
+    assert "| sasa r1 | 1 | 8 | 8.0 | yes | 0.8800 | -0.0200 | -0.0400 |" in md and "- `sasa`: r = 2" in md
+    bench.plot(rows, tmp_path / "g.png", "t")
+    assert (tmp_path / "g.png").stat().st_size > 0

@@ -459,3 +459,13 @@ def test_finished_report_reads_a_grids_report_or_names_the_missing_one(tmp_path:
     (tmp_path / "res" / "g.json").write_text(json.dumps({"runs": [{"line": "topk", "value": 2}]}))
     grid, report, records = finished_report(args.grid, args.results)
     assert grid.name == "g" and report == tmp_path / "res" / "g.json" and records == [{"line": "topk", "value": 2}]
+
+
+def test_active_columns_counts_sasa_groups_times_their_rank() -> None:
+    from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
+    from sae_ext.sweep import active_columns
+
+    assert active_columns({"knob": "n_active_groups", "value": 8, "config": {"group_rank": 4}}) == 32
+    assert active_columns({"knob": "n_active_groups", "value": 8, "config": {}}) == 8 * DEFAULT_GROUP_RANK
+    assert active_columns({"knob": "k", "value": 32, "config": {"group_rank": 4}}) == 32
+    assert active_columns({"knob": "l0_coefficient", "value": 0.3}) == 0.3
