@@ -150,8 +150,11 @@ def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_pat
         ("batchtopk", "batchtopk", "jumprelu", 2, 2.0, {}),
         ("batchtopk", "batchtopk", "jumprelu", 4, 5.0, {}),
         ("batchtopk", "batchtopk", "jumprelu", 8, 8.0, {}),
+        ("sasa", "sasa r2", "sasa", 2, 4.0, {"group_rank": 2, "n_active_groups": 2}),  # s·r = 4
+        ("topk", "topk", "topk", 4, 4.0, {"k": 4}),
     ]:
-        key = {"architecture": arch, "line": line, "knob": "k", "value": k, "seed": 0, "config": extra}
+        knob = "n_active_groups" if arch == "sasa" else "k"
+        key = {"architecture": arch, "line": line, "knob": knob, "value": k, "seed": 0, "config": extra}
         records.append({**key, "l0": l0, "r2": 0.5, "converged": True})
         if k == 8:
             continue  # reported but not saved: skipped
@@ -163,13 +166,18 @@ def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_pat
     from sae_ext.sweep import saved_runs
 
     found = saved_runs(records, tmp_path / "runs")
-    assert sorted((r["line"], r["value"]) for r, _ in found) == [("batchtopk", 2), ("batchtopk", 4), ("scaffold r2", 4)]
+    assert sorted((r["line"], r["value"]) for r, _ in found) == [
+        ("batchtopk", 2), ("batchtopk", 4), ("sasa r2", 2), ("scaffold r2", 4), ("topk", 4)]
     data = probe_data(model, "blocks.0.hook_resid_post", tokenizer=tok, per_class=4)
     rows = bench.score_runs(found, data)
     assert all(0 <= r["sparse_acc_1"] <= 1 and 0 <= r["dense_acc"] <= 1 for r in rows)
     (scaffold,) = [r for r in rows if r["architecture"] == "scaffold_batchtopk"]
     assert scaffold["topic_n_latents"] == 32 and "topic_scaffold_removed" in scaffold
-    (pair,) = bench.against_baseline(rows)
+    pair, sasa_pair = sorted(bench.against_baseline(rows), key=lambda p: p["baseline"])
+    assert (pair["curve"], sasa_pair["curve"], sasa_pair["baseline"]) == ("scaffold r2", "sasa r2", "topk")
+    (topk,) = [r for r in rows if r["architecture"] == "topk"]
+    for m in bench.METRICS:  # the TopK run of k = s·r = 4 is SASA's run of the same active columns
+        assert sasa_pair[f"{m}_baseline_same_value"] == topk[m] or math.isnan(topk[m])
     plain = {r["value"]: r for r in rows if r["architecture"] == "batchtopk"}
     for m in bench.METRICS:
         a, b = plain[2][m], plain[4][m]  # plain L0 2 and 5: read at L0 4 in log L0
