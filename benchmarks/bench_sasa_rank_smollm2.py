@@ -160,6 +160,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         for (base, cols), v in sorted(baselines.items()):
             ax.axhline(v, ls="--", lw=1, color="grey" if base == "topk" else "black", label=f"{base}, k = {cols}")
         ax.set_xscale("log", base=2)
+        ranks = sorted({r["group_rank"] for r in rows})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
         ax.set_xlabel("group rank r (s·r fixed)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
