@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sae_ext.eval_report import fmt
 from sae_ext.eval_result import json_safe
 from sae_ext.metrics.curves import value_at_l0
 from sae_ext.metrics.probing import DEFAULT_KS
@@ -103,7 +104,7 @@ def against_baseline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _f(v: Any, p: str = ".3f") -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, p)
+    return fmt(v, p)
 
 
 def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], pairs: list[dict[str, Any]],

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_ext.eval_report import fmt
 from sae_ext.eval_result import json_safe
 from sae_ext.sweep import (
     BASELINE_ARCHITECTURE,
@@ -28,6 +29,7 @@ from sae_ext.sweep import (
     add_report_arguments,
     curve_of,
     finished_report,
+    group_rank_of,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,13 +38,6 @@ SASA_ARCHITECTURES = ("sasa", "sasa_batchtopk")
 GAP_METRICS = ("r2", "ce_loss_recovered", "kl_score")
 #: probe metrics taken from the probes report when given (lower is better for all)
 PROBE_METRICS = ("absorption_fraction", "full_absorption_rate", "split_features")
-
-
-def group_rank(record: dict[str, Any]) -> int:
-    """A SASA run's group rank r (the config's, else the architecture's default)."""
-    from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
-
-    return int((record.get("config") or {}).get("group_rank", DEFAULT_GROUP_RANK))
 
 
 def _mean(rows: list[dict[str, Any]], metric: str) -> float:
@@ -69,7 +64,7 @@ def rank_rows(records: list[dict[str, Any]], probes: list[dict[str, Any]] | None
             continue
         cols = active_columns(r)
         row: dict[str, Any] = {
-            "line": curve_of(r), "architecture": r["architecture"], "group_rank": group_rank(r),
+            "line": curve_of(r), "architecture": r["architecture"], "group_rank": group_rank_of(r),
             "n_active_groups": r["value"], "active_columns": cols, "seed": r["seed"], "l0": r["l0"],
             "converged": r["converged"], "r2_half": r["r2_half"], "dead_fraction": r["dead_fraction"],
             "dense_fraction": r["dense_fraction"], "mean_group_stable_rank": r.get("mean_group_stable_rank"),
@@ -101,7 +96,7 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _f(v: Any, p: str = ".4f") -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, p)
+    return fmt(v, p)
 
 
 def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], best: dict[str, dict[str, Any]],

@@ -12,12 +12,15 @@ from sae_ext.eval_result import EvaluationResult
 __all__ = ["fmt", "markdown", "write_report"]
 
 
-def fmt(v: Any) -> str:
-    """A table cell: ``–`` for missing or non-finite values, 4 significant digits for floats."""
+def fmt(v: Any, spec: str | None = None) -> str:
+    """A table cell: ``–`` for missing or non-finite values; a number in ``spec`` when given, else
+    4 significant digits for floats (the one cell formatter of the reports)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, bool):
         return str(v)
+    if spec is not None and isinstance(v, int | float):
+        return format(v, spec)
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):

@@ -665,11 +665,14 @@ def active_columns(record: dict[str, Any]) -> float | int:
     """A run's knob value in decoder columns a token may use, the value runs of different
     architectures are compared at: SASA's ``n_active_groups`` × ``group_rank`` (s·r = k), any other
     knob as it is (k, or a coefficient compared with the same coefficient)."""
-    if record["knob"] != "n_active_groups":
-        return record["value"]
+    return record["value"] * group_rank_of(record) if record["knob"] == "n_active_groups" else record["value"]
+
+
+def group_rank_of(record: dict[str, Any]) -> int:
+    """A SASA run's group rank r: its config's, else the architecture's default."""
     from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
 
-    return record["value"] * (record.get("config") or {}).get("group_rank", DEFAULT_GROUP_RANK)
+    return int((record.get("config") or {}).get("group_rank", DEFAULT_GROUP_RANK))
 
 
 def curve_of(record: dict[str, Any]) -> str:
