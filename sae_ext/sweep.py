@@ -5,7 +5,7 @@ config: ``k``, ``l1_coefficient``, ``l0_coefficient``, ``target_l0``, ``n_active
 knob's values; every (architecture, value, seed) is trained with :func:`sae_ext.capture.train_on_cache`
 under SPEC §8 on one capture of the hook, evaluated on held-out tokens
 (:func:`sae_ext.evaluate.evaluate_sae`: L0, R², CE and KL loss recovered via ``run_evals``, dead,
-dense, bipolar and group statistics) and checked for convergence (R² at half budget). One JSON
+dense, bipolar and group statistics, dark-matter error / norm R²) and checked for convergence (R² at half budget). One JSON
 record per run, a markdown table, R²-vs-L0 and CE-vs-L0 plots (log L0, one line per architecture,
 Pareto frontier marked) and matched-L0 gaps (each pair of curves interpolated in log L0 over the
 overlap of their L0 ranges, converged runs only) are written. Finished runs with identical
@@ -258,7 +258,7 @@ def run_dir(root: Path, key: dict[str, Any]) -> Path:
 def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float, device: str = "cpu") -> dict[str, Any]:
     from sae_ext.eval_result import json_safe
 
-    ev, dic = res.run_evals, res.dictionary
+    ev, dic, dm = res.run_evals, res.dictionary, res.dark_matter
     return json_safe({
         **key,
         "l0": ev.l0,
@@ -275,6 +275,9 @@ def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float, device: st
         "dense_fraction": dic.dense_fraction,
         "bipolar_fraction": dic.bipolar_fraction,
         "mean_group_stable_rank": dic.mean_group_stable_rank,
+        # SPEC §4 on the held-out non-special tokens (every one, massive tokens included)
+        "dark_matter_error_r2": dm.error_r2,
+        "dark_matter_norm_r2": dm.norm_r2,
         "train_seconds": seconds,
         "device": device,
     })

@@ -233,3 +233,54 @@ def test_sasa_rank_rows_compare_each_rank_with_the_baseline_of_the_same_active_c
     assert "| sasa r1 | 1 | 8 | 8.0 | yes | 0.8800 | -0.0200 | -0.0400 |" in md and "- `sasa`: r = 2" in md
     bench.plot(rows, tmp_path / "g.png", "t")
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_dark_matter_of_saved_sweep_runs_with_and_without_massive_tokens(tmp_path: Path) -> None:
+    """Every saved converged run is scored on the held-out activations, both with every token and
+    without the massive ones; the error norms along a curve are regressed densest on sparsest."""
+    import json
+    import math
+
+    import torch
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.sweep import saved_runs
+    from sae_ext.testing import random_token_dataset, tiny_hooked_transformer
+
+    bench = _bench("bench_dark_matter_smollm2")
+    model = tiny_hooked_transformer()
+    torch.manual_seed(0)
+    records = []
+    for k, l0, converged in [(2, 2.0, True), (4, 4.0, True), (8, 8.0, False)]:
+        key = {"architecture": "topk", "line": "topk", "knob": "k", "value": k, "seed": 0, "config": {}}
+        records.append({**key, "l0": l0, "r2": 0.5, "converged": converged})
+        sae_cls, cfg_cls = get_sae_class("topk")
+        run = tmp_path / "runs" / f"topk_k-{k}"
+        sae_cls(cfg_cls(d_in=32, d_sae=48, k=k)).save_model(str(run))
+        (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
+    found = saved_runs(records, tmp_path / "runs")
+    assert [r["value"] for r, _ in found] == [2, 4]  # the unconverged run is not read
+
+    x = bench.heldout_activations(model, "blocks.0.hook_resid_post", random_token_dataset(), 1024)
+    assert x.shape == (1024, 32)
+    assert list(bench.token_sets(x)) == ["all"]  # no massive token in a tiny model
+    x = torch.cat([x, 1000 * x[:1]])  # one attention-sink-like row
+    sets = bench.token_sets(x)
+    assert list(sets) == ["all", "no_massive"] and len(sets["no_massive"]) == 1024
+    rows, norms = bench.dark_matter_rows(found, sets)
+    assert [r["value"] for r in rows] == [2, 4]
+    for r in rows:
+        for name in sets:
+            assert all(math.isfinite(r[f"{s}_{name}"]) for s in bench.SCORES)
+            assert r[f"n_test_{name}"] > 400 and 0.0 <= r[f"linear_error_norm_share_{name}"] <= 1.0
+        # part of a random SAE's error is linear in x; the one outlier row spoils that fit
+        assert r["error_r2_no_massive"] > max(0.0, r["error_r2_all"])
+    assert all(len(n) == 1024 for n in norms.values())
+    (scaling,) = bench.norm_scaling(norms, sets["no_massive"])
+    assert (scaling["l0_sparse"], scaling["l0_dense"]) == (2.0, 4.0) and scaling["r2_from_sparsest"] <= 1.0
+    summ = bench.summary(rows, list(sets))
+    assert summ["error_r2_all"]["min"] <= summ["error_r2_all"]["median"] <= summ["error_r2_all"]["max"]
+    bench.plot(rows, list(sets), tmp_path / "dm.png", "t")
+    assert (tmp_path / "dm.png").stat().st_size > 0
+    md = bench.markdown("g", "h", rows, [scaling], list(sets), {k: len(v) for k, v in sets.items()}, "cmd", "dm.png")
+    assert "## Every run, without massive tokens" in md and "## Per-token error norms along each curve" in md

@@ -53,6 +53,7 @@ def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch
     for r in records:
         assert 0 < r["l0"] <= 64 and -1 < r["r2"] <= 1 and isinstance(r["converged"], bool)
         assert r["half_budget_tokens"] < 1024 and r["ce_loss_recovered"] is not None
+        assert {"dark_matter_error_r2", "dark_matter_norm_r2"} <= set(r)  # SPEC §4, from evaluate_sae
     topk = {r["value"]: r["l0"] for r in records if r["line"] == "topk"}
     assert topk[2] == pytest.approx(2) and topk[6] == pytest.approx(6)  # the knob reached the SAE
     stored = json.loads((tmp_path / "res" / "tiny.json").read_text())
