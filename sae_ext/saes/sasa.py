@@ -71,8 +71,9 @@ from sae_ext.validation import check_sae_input, check_training_input
 ARCHITECTURE = "sasa"
 #: Default rank r of every group. 4 covers the intrinsic dimensions of circles/spheres
 #: (d_i ≤ 4, the paper's theorem needs r ≥ d_i) and is the authors' Mistral-7B setting. At fixed
-#: s·r on SmolLM2's residual stream R² and CE loss recovered fall with r (r = 1 best, r = 4 −0.011
-#: R² against TopK; benchmarks/RESULTS.md §0h): choose r = 1–2 when fidelity matters most.
+#: s·r on SmolLM2 R² and CE loss recovered fall with r (r = 1 matches TopK; r = 4 costs −0.011 R²
+#: at the residual stream and −0.086 at mlp_out; benchmarks/RESULTS.md §0h): choose r = 1 when
+#: fidelity matters most, r > 1 only where groups are the point.
 DEFAULT_GROUP_RANK = 4
 #: Default number s of active groups per token: s·r = 32 active columns. Valid for every
 #: d_sae ≥ 32 (K = d_sae/4 ≥ 8), e.g. the contract width 128 (K = 32) and SAELens's CLI
