@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sae_ext.eval_report import fmt
 from sae_ext.eval_result import json_safe
-from sae_ext.sweep import add_report_arguments, curve_of, finished_report, saved_runs
+from sae_ext.sweep import add_report_arguments, curve_of, finished_saved_runs
 
 RESULTS = Path(__file__).parent / "results"
 #: the scores of :class:`sae_ext.metrics.dark_matter.DarkMatterResult` this bench reports
@@ -179,10 +179,7 @@ def main() -> None:
     args = p.parse_args()
     if args.eval_tokens < 1024:
         raise SystemExit(f"--eval-tokens must be >= 1024 (the fit needs more tokens than d_in), got {args.eval_tokens}")
-    grid, report, records = finished_report(args.grid, args.results)
-    found = saved_runs(records, args.out / grid.name / "runs")
-    if not found:
-        raise SystemExit(f"no converged run of {report} has a saved SAE under {args.out / grid.name / 'runs'}")
+    grid, report, found = finished_saved_runs(args.grid, args.results, args.out)
     from sae_ext.data import default_token_dataset
     from sae_ext.models import load_default_model
 

@@ -37,8 +37,7 @@ from sae_ext.sweep import (
     add_report_arguments,
     curve_of,
     curve_points,
-    finished_report,
-    saved_runs,
+    finished_saved_runs,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -168,10 +167,7 @@ def main() -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    grid, report, records = finished_report(args.grid, args.results)
-    found = saved_runs(records, args.out / grid.name / "runs")
-    if not found:
-        raise SystemExit(f"no converged run of {report} has a saved SAE under {args.out / grid.name / 'runs'}")
+    grid, report, found = finished_saved_runs(args.grid, args.results, args.out)
     from sae_ext.metrics.probing import probe_data
     from sae_ext.models import load_default_model
 

@@ -433,6 +433,18 @@ def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[di
     return found
 
 
+def finished_saved_runs(grid_path: str | Path, results_dir: str | Path, out: str | Path
+                        ) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
+    """:func:`finished_report`'s grid and report path, with the converged records paired with their
+    saved SAE under ``out/<grid name>/runs`` (:func:`saved_runs`); FileNotFoundError when none is saved."""
+    grid, report, records = finished_report(grid_path, results_dir)
+    runs = Path(out) / grid.name / "runs"
+    found = saved_runs(records, runs)
+    if not found:
+        raise FileNotFoundError(f"no converged run of {report} has a saved SAE under {runs}")
+    return grid, report, found
+
+
 def run_sweeps(
     grids: list[SweepGrid],
     model: Any,

@@ -462,6 +462,29 @@ def test_finished_report_reads_a_grids_report_or_names_the_missing_one(tmp_path:
     assert grid.name == "g" and report == tmp_path / "res" / "g.json" and records == [{"line": "topk", "value": 2}]
 
 
+def test_finished_saved_runs_pairs_converged_records_with_their_saved_sae(tmp_path: Path) -> None:
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.sweep import finished_saved_runs
+
+    spec = {"name": "g", "hook": HOOK, "archs": [{"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2, 4]}]}
+    (tmp_path / "g.json").write_text(json.dumps(spec))
+    key = {"architecture": "topk", "line": "topk", "knob": "k", "value": 2, "seed": 0}
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "g.json").write_text(json.dumps({"runs": [
+        {**key, "converged": True}, {**key, "value": 4, "converged": False}]}))
+    with pytest.raises(FileNotFoundError, match=r"no converged run of .*g\.json has a saved SAE under .*g/runs"):
+        finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "out")
+    sae_cls, cfg_cls = get_sae_class("topk")
+    for k in (2, 4):  # both saved; the unconverged one is still left out
+        run = tmp_path / "out" / "g" / "runs" / f"topk_k-{k}"
+        sae_cls(cfg_cls(d_in=8, d_sae=16, k=k)).save_model(str(run))
+        (run / "record.json").write_text(json.dumps({"key": {**key, "value": k}, "record": {}}))
+    grid, report, found = finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "out")
+    assert grid.name == "g" and report == tmp_path / "res" / "g.json"
+    assert [(r["value"], d.name) for r, d in found] == [(2, "topk_k-2")]
+
+
 def test_active_columns_counts_sasa_groups_times_their_rank() -> None:
     from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
     from sae_ext.sweep import active_columns
