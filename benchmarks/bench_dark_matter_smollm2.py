@@ -58,9 +58,9 @@ def token_sets(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def dark_matter_rows(found: list[tuple[dict[str, Any], Path]], sets: dict[str, torch.Tensor],
-                     seed: int = 0) -> tuple[list[dict[str, Any]], dict[tuple[str, float], torch.Tensor]]:
+                     seed: int = 0) -> tuple[list[dict[str, Any]], dict[tuple[str, int, float], torch.Tensor]]:
     """Per saved run, SPEC §4's scores on every token set (``<score>_<set>``), and the per-token
-    error norms on the last set (the one without massive tokens where there is one)."""
+    error norms on the last set (the one without massive tokens where there is one), by (curve, seed, L0)."""
     from sae_lens import SAE
 
     from sae_ext.metrics.dark_matter import dark_matter, sae_error_norms
@@ -76,22 +76,23 @@ def dark_matter_rows(found: list[tuple[dict[str, Any], Path]], sets: dict[str, t
             row.update({f"{s}_{name}": getattr(res, s) for s in SCORES})
             row[f"n_test_{name}"] = res.n_test
         rows.append(row)
-        norms[(row["curve"], float(r["l0"]))] = sae_error_norms(sae, sets[last], progress=False)
+        norms[(row["curve"], int(r["seed"]), float(r["l0"]))] = sae_error_norms(sae, sets[last], progress=False)
     return rows, norms
 
 
-def norm_scaling(norms: dict[tuple[str, float], torch.Tensor], x: torch.Tensor) -> list[dict[str, Any]]:
-    """Per curve with two or more runs: ‖e‖ of the densest run regressed on the sparsest run's, and on ‖x‖."""
+def norm_scaling(norms: dict[tuple[str, int, float], torch.Tensor], x: torch.Tensor) -> list[dict[str, Any]]:
+    """Per curve and seed with two or more runs: ‖e‖ of the densest run regressed on the sparsest
+    run's, and on ‖x‖ (seeds kept apart, so a pair is always one training seed's)."""
     from sae_ext.metrics.dark_matter import error_norm_predictability
 
     out = []
-    for curve in sorted({c for c, _ in norms}):
-        l0s = sorted(l0 for c, l0 in norms if c == curve)
+    for curve, seed in sorted({(c, s) for c, s, _ in norms}):
+        l0s = sorted(l0 for c, s, l0 in norms if (c, s) == (curve, seed))
         if len(l0s) < 2:
             continue
-        lo, hi = norms[(curve, l0s[0])], norms[(curve, l0s[-1])]
+        lo, hi = norms[(curve, seed, l0s[0])], norms[(curve, seed, l0s[-1])]
         out.append({
-            "curve": curve, "l0_sparse": l0s[0], "l0_dense": l0s[-1],
+            "curve": curve, "seed": seed, "l0_sparse": l0s[0], "l0_dense": l0s[-1],
             "r2_from_sparsest": error_norm_predictability(lo, hi).r2,
             "r2_from_x_norm": error_norm_predictability(x.norm(dim=-1), hi).r2,
             "error_norm_ratio": float(hi.mean() / lo.mean()),

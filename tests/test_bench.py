@@ -277,7 +277,11 @@ def test_dark_matter_of_saved_sweep_runs_with_and_without_massive_tokens(tmp_pat
         assert r["error_r2_no_massive"] > max(0.0, r["error_r2_all"])
     assert all(len(n) == 1024 for n in norms.values())
     (scaling,) = bench.norm_scaling(norms, sets["no_massive"])
-    assert (scaling["l0_sparse"], scaling["l0_dense"]) == (2.0, 4.0) and scaling["r2_from_sparsest"] <= 1.0
+    assert (scaling["seed"], scaling["l0_sparse"], scaling["l0_dense"]) == (0, 2.0, 4.0)
+    assert scaling["r2_from_sparsest"] <= 1.0
+    # another seed's run on the same curve is a pair of its own, never mixed with seed 0's
+    other = {**norms, ("topk", 1, 8.0): norms[("topk", 0, 4.0)]}
+    assert [s["seed"] for s in bench.norm_scaling(other, sets["no_massive"])] == [0]
     summ = bench.summary(rows, list(sets))
     assert summ["error_r2_all"]["min"] <= summ["error_r2_all"]["median"] <= summ["error_r2_all"]["max"]
     bench.plot(rows, list(sets), tmp_path / "dm.png", "t")
