@@ -275,6 +275,7 @@ def _record(key: dict[str, Any], res: Any, conv: Any, seconds: float, device: st
         "dense_fraction": dic.dense_fraction,
         "bipolar_fraction": dic.bipolar_fraction,
         "mean_group_stable_rank": dic.mean_group_stable_rank,
+        "mean_live_group_stable_rank": dic.mean_live_group_stable_rank,
         # SPEC §4 on the held-out non-special tokens (every one, massive tokens included)
         "dark_matter_error_r2": dm.error_r2,
         "dark_matter_norm_r2": dm.norm_r2,
@@ -417,13 +418,15 @@ def _saved_run_keys(runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
     return saved
 
 
-def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
-    """The converged ``records`` of a report paired with their saved SAE folder under ``runs`` (a
-    grid's ``<out>/<name>/runs``); a record without one is skipped with a note."""
+def saved_runs(records: list[dict[str, Any]], runs: str | Path, *, converged_only: bool = True
+               ) -> list[tuple[dict[str, Any], Path]]:
+    """The converged ``records`` of a report (every record with ``converged_only=False``, for
+    diagnosing the runs that failed) paired with their saved SAE folder under ``runs`` (a grid's
+    ``<out>/<name>/runs``); a record without one is skipped with a note."""
     saved = _saved_run_keys(runs)
     found = []
     for r in records:
-        if not r["converged"]:
+        if converged_only and not r["converged"]:
             continue
         d = next((d for key, d in saved if record_matches(key, r)), None)
         if d is None:
@@ -433,15 +436,17 @@ def saved_runs(records: list[dict[str, Any]], runs: str | Path) -> list[tuple[di
     return found
 
 
-def finished_saved_runs(grid_path: str | Path, results_dir: str | Path, out: str | Path
-                        ) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
-    """:func:`finished_report`'s grid and report path, with the converged records paired with their
-    saved SAE under ``out/<grid name>/runs`` (:func:`saved_runs`); FileNotFoundError when none is saved."""
+def finished_saved_runs(grid_path: str | Path, results_dir: str | Path, out: str | Path, *,
+                        converged_only: bool = True) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
+    """:func:`finished_report`'s grid and report path, with the converged (or, ``converged_only=False``,
+    all) records paired with their saved SAE under ``out/<grid name>/runs`` (:func:`saved_runs`);
+    FileNotFoundError when none is saved."""
     grid, report, records = finished_report(grid_path, results_dir)
     runs = Path(out) / grid.name / "runs"
-    found = saved_runs(records, runs)
+    found = saved_runs(records, runs, converged_only=converged_only)
     if not found:
-        raise FileNotFoundError(f"no converged run of {report} has a saved SAE under {runs}")
+        which = "converged run" if converged_only else "run"
+        raise FileNotFoundError(f"no {which} of {report} has a saved SAE under {runs}")
     return grid, report, found
 
 

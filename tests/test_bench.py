@@ -288,3 +288,61 @@ def test_dark_matter_of_saved_sweep_runs_with_and_without_massive_tokens(tmp_pat
     assert (tmp_path / "dm.png").stat().st_size > 0
     md = bench.markdown("g", "h", rows, [scaling], list(sets), {k: len(v) for k, v in sets.items()}, "cmd", "dm.png")
     assert "## Every run, without massive tokens" in md and "## Per-token error norms along each curve" in md
+
+
+def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Path) -> None:
+    """Each saved SASA SAE (converged or not) and its half-budget twin gets the live / dead groups'
+    stable ranks, checked against the SAE's own group API; non-SASA runs are left out."""
+    import json
+    import math
+
+    import torch
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.sweep import saved_runs
+
+    bench = _bench("bench_sasa_groups_smollm2")
+    torch.manual_seed(0)
+    records, saes = [], {}
+    for arch, value, config, converged in [("sasa", 2, {"group_rank": 4}, False),
+                                           ("sasa", 4, {"group_rank": 2, "nuclear_coefficient": 0.0}, True),
+                                           ("topk", 8, {}, True)]:
+        key = {"architecture": arch, "line": f"{arch} {value}", "knob": "n_active_groups" if arch == "sasa" else "k",
+               "value": value, "seed": 0, "config": config}
+        records.append({**key, "l0": 8.0, "r2": 0.5, "r2_half": 0.4, "converged": converged, "tokens": 1000})
+        sae_cls, cfg_cls = get_sae_class(arch)
+        run = tmp_path / "runs" / f"{arch}-{value}"
+        fields = {"group_rank": config["group_rank"], "n_active_groups": value} if arch == "sasa" else {"k": value}
+        sae = sae_cls(cfg_cls(d_in=16, d_sae=24, **fields))
+        with torch.no_grad():
+            sae.W_enc.normal_()
+            if arch == "sasa" and value == 2:  # group 0 of the unconverged run collapsed to one direction
+                sae.W_dec[:4] = sae.W_dec[:1]
+        sae.save_model(str(run))
+        saes[key["line"]] = sae
+        if value == 2:  # only this run has a saved half-budget twin
+            sae.save_model(str(run / bench.HALF_BUDGET_DIR))
+        (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
+    found = saved_runs(records, tmp_path / "runs", converged_only=False)
+    assert len(found) == 3
+    x = torch.randn(512, 16)
+    rows = bench.group_rows(found, x)
+    assert [(r["line"], r["budget"], r["tokens"]) for r in rows] == [
+        ("sasa 2", "full", 1000), ("sasa 2", "half", 500), ("sasa 4", "full", 1000)]
+    assert [r["nuclear_coefficient"] for r in rows] == [1.0, 1.0, 0.0]  # the config default, then the grid's
+    assert [r["r2"] for r in rows] == [0.5, 0.4, 0.5]
+    for r in rows:
+        sae = saes[r["line"]]
+        live = sae.active_group_mask(x).any(0)
+        sr = sae.group_stable_rank().double()
+        assert r["live_stable_rank"] == pytest.approx(sr[live].mean().item())
+        assert r["dead_groups"] == pytest.approx((~live).double().mean().item())
+        assert len(r["quartiles"]) == bench.N_QUARTILES
+        rates = [q["firing_rate"] for q in r["quartiles"]]
+        assert rates == sorted(rates) and all(1.0 <= q["stable_rank"] <= r["group_rank"] + 1e-6 for q in r["quartiles"])
+        assert math.isnan(r["dead_stable_rank"]) == (not bool((~live).any()))
+    assert saes["sasa 2"].group_stable_rank()[0].item() == pytest.approx(1.0, abs=1e-5)
+    md = bench.markdown("g", "h", rows, len(x), "cmd")
+    assert md.count("| sasa 2 | 4 | 2 | 1 |") == 2 and "| **no** |" in md and "| sasa 4 | 2 | 4 | 0 |" in md
+    with pytest.raises(ValueError, match="no sasa / sasa_batchtopk run among the 1 saved runs"):
+        bench.group_rows(found[2:], x)

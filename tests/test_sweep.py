@@ -54,6 +54,7 @@ def test_two_by_two_grid_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch
         assert 0 < r["l0"] <= 64 and -1 < r["r2"] <= 1 and isinstance(r["converged"], bool)
         assert r["half_budget_tokens"] < 1024 and r["ce_loss_recovered"] is not None
         assert {"dark_matter_error_r2", "dark_matter_norm_r2"} <= set(r)  # SPEC §4, from evaluate_sae
+        assert r["mean_group_stable_rank"] is None and r["mean_live_group_stable_rank"] is None  # no groups
     topk = {r["value"]: r["l0"] for r in records if r["line"] == "topk"}
     assert topk[2] == pytest.approx(2) and topk[6] == pytest.approx(6)  # the knob reached the SAE
     stored = json.loads((tmp_path / "res" / "tiny.json").read_text())
@@ -330,6 +331,13 @@ def test_a_new_hook_is_captured_beside_the_stored_ones(tmp_path: Path, monkeypat
     assert sorted(p.name for p in (tmp_path / "out" / "captures" / "train").iterdir()) == ["0", "1"]
 
 
+def test_a_sasa_run_records_the_stable_rank_of_all_and_of_its_live_groups(tmp_path: Path) -> None:
+    grid = _grid(name="groups", archs=(ArchSweep("sasa", 64, "n_active_groups", (2,), config={"group_rank": 4}),))
+    (r,) = run_sweep(grid, tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2), tmp_path / "out",
+                     tmp_path / "res", special_tokens=[0])
+    assert 1.0 <= r["mean_group_stable_rank"] <= 4.0 and 1.0 <= r["mean_live_group_stable_rank"] <= 4.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sweep_on_cuda_with_worker_processes(tmp_path: Path) -> None:
     import functools
@@ -483,6 +491,10 @@ def test_finished_saved_runs_pairs_converged_records_with_their_saved_sae(tmp_pa
     grid, report, found = finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "out")
     assert grid.name == "g" and report == tmp_path / "res" / "g.json"
     assert [(r["value"], d.name) for r, d in found] == [(2, "topk_k-2")]
+    _, _, every = finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "out", converged_only=False)
+    assert [(r["value"], d.name) for r, d in every] == [(2, "topk_k-2"), (4, "topk_k-4")]
+    with pytest.raises(FileNotFoundError, match=r"no run of .*g\.json has a saved SAE"):
+        finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "empty", converged_only=False)
 
 
 def test_active_columns_counts_sasa_groups_times_their_rank() -> None:

@@ -80,6 +80,8 @@ class DictionaryStats:
     """Mean number of groups with any firing latent per token."""
     group_dead_fraction: float | None = None
     group_dense_fraction: float | None = None
+    group_firing_rates: torch.Tensor | None = None
+    """Per group: share of tokens on which any of its latents fires, float64 ``[K]``."""
 
     @property
     def mean_positive_share(self) -> float | None:
@@ -103,6 +105,15 @@ class DictionaryStats:
         if self.group_stable_rank is None:
             return None
         sr = self.group_stable_rank[~torch.isnan(self.group_stable_rank)]
+        return float(sr.mean().item()) if sr.numel() else None
+
+    @property
+    def mean_live_group_stable_rank(self) -> float | None:
+        """Mean stable rank over the groups that fired (None without groups, blocks or live
+        groups): the rank the used groups decode with, which the dead groups' blocks do not dilute."""
+        if self.group_stable_rank is None or self.group_firing_rates is None:
+            return None
+        sr = self.group_stable_rank[(self.group_firing_rates > 0) & ~torch.isnan(self.group_stable_rank)]
         return float(sr.mean().item()) if sr.numel() else None
 
     @property
@@ -139,6 +150,7 @@ class DictionaryStats:
                 "group_rank": self.group_rank,
                 "n_groups": int(self.group_stable_rank.numel()),
                 "mean_stable_rank": self.mean_group_stable_rank,
+                "mean_live_stable_rank": self.mean_live_group_stable_rank,
                 "mean_rank90": float(self.group_rank90.double().mean().item()),
                 "rank90_counts": self.group_rank90_counts,
                 "group_l0": self.group_l0,
@@ -240,6 +252,7 @@ class DictionaryStatsAccumulator:
             stats.group_l0 = float(self.group_fires.sum().item()) / n
             stats.group_dead_fraction = dead_group_fraction(self.group_fires)
             stats.group_dense_fraction = dense_fraction(self.group_fires, n, dense_threshold)
+            stats.group_firing_rates = self.group_fires / n
             if group_blocks is not None:
                 stats.group_stable_rank = stable_rank(group_blocks)
                 stats.group_rank90 = rank90(group_blocks)

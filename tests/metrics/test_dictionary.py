@@ -102,8 +102,28 @@ def test_group_ranks_are_those_of_metrics_groups():
     torch.testing.assert_close(st.group_stable_rank, stable_rank(blocks), equal_nan=True)
     assert st.group_rank90.tolist() == rank90(blocks).tolist()
     assert st.to_dict()["groups"]["mean_stable_rank"] == pytest.approx((2 + 1 + 10 / 9) / 3)
+    assert st.to_dict()["groups"]["mean_live_stable_rank"] == st.mean_group_stable_rank  # every group fired
     with pytest.raises(ValueError, match=r"group_blocks have shape \(4, 2, 4\) but the accumulator counts 2 groups"):
         dictionary_stats_from_codes(torch.ones(3, 4), group_rank=2, group_blocks=blocks)
+
+
+def test_live_group_stable_rank_leaves_out_the_groups_that_never_fired():
+    """Only fired groups count: used groups of ranks 1 and 2 beside a dead rank-2 one read 1.5, not 5/3."""
+    e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
+    blocks = torch.stack([e1, e1, e1, e2, e1, e2]).view(3, 2, 4)  # stable ranks 1, 2, 2
+    codes = torch.zeros(5, 6)
+    codes[:, 0] = 1.0  # only group 0 fires, on every token
+    codes[0, 3] = -2.0  # group 1 fires on one token of five
+    st = dictionary_stats_from_codes(codes, group_rank=2, group_blocks=blocks)
+    assert st.group_firing_rates is not None
+    torch.testing.assert_close(st.group_firing_rates, torch.tensor([1.0, 0.2, 0.0], dtype=torch.float64))
+    assert st.mean_group_stable_rank == pytest.approx(5 / 3)
+    assert st.mean_live_group_stable_rank == pytest.approx(1.5)
+    assert st.to_dict()["groups"]["mean_live_stable_rank"] == pytest.approx(1.5)
+    no_blocks = dictionary_stats_from_codes(codes, group_rank=2)
+    assert no_blocks.mean_live_group_stable_rank is None
+    assert dictionary_stats_from_codes(torch.zeros(2, 6), group_rank=2, group_blocks=blocks
+                                       ).mean_live_group_stable_rank is None  # nothing fired
 
 
 def test_group_activity_counts():
