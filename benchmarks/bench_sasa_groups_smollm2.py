@@ -94,7 +94,8 @@ def markdown(grid: str, hook: str, rows: list[dict[str, Any]], n_tokens: int, co
              f"`{command}`", "",
              f"Held-out non-special tokens: {n_tokens}. Stable rank ‖D_k‖_F² / σ_max² ∈ [1, r] of each group's "
              "decoder block; live = fired on a held-out token; quartiles of the live groups by firing rate, "
-             "rarest first. Every saved run is read, converged or not, with its half-budget twin.", "",
+             "rarest first. Every saved run is read, converged or not, with its half-budget twin (both rows show "
+             "the run's SPEC §8 flag, R²(B) − R²(B/2) ≤ 0.01).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["line"], r["group_rank"], r["n_active_groups"], fmt(r["nuclear_coefficient"], "g"),
