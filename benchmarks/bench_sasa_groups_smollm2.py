@@ -24,14 +24,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sae_ext.convergence import HALF_BUDGET_DIR
 from sae_ext.eval_report import fmt
 from sae_ext.eval_result import json_safe
-from sae_ext.sweep import add_report_arguments, curve_of, finished_saved_runs, group_rank_of
+from sae_ext.sweep import (
+    SASA_ARCHITECTURES,
+    add_report_arguments,
+    curve_of,
+    finished_saved_runs,
+    group_rank_of,
+)
 
 RESULTS = Path(__file__).parent / "results"
-SASA_ARCHITECTURES = ("sasa", "sasa_batchtopk")
-#: the half-budget twin's folder inside a run's folder (``sae_ext.convergence.train_with_half_budget``)
-HALF_BUDGET_DIR = "half_budget"
 N_QUARTILES = 4
 
 

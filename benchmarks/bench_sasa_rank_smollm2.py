@@ -25,6 +25,7 @@ from sae_ext.eval_report import fmt
 from sae_ext.eval_result import json_safe
 from sae_ext.sweep import (
     BASELINE_ARCHITECTURE,
+    SASA_ARCHITECTURES,
     active_columns,
     add_report_arguments,
     curve_of,
@@ -33,7 +34,6 @@ from sae_ext.sweep import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-SASA_ARCHITECTURES = ("sasa", "sasa_batchtopk")
 #: per-run metrics of the sweep report compared with the baseline (higher is better for all)
 GAP_METRICS = ("r2", "ce_loss_recovered", "kl_score")
 #: probe metrics taken from the probes report when given (lower is better for all)

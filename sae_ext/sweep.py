@@ -688,6 +688,10 @@ def active_columns(record: dict[str, Any]) -> float | int:
     return record["value"] * group_rank_of(record) if record["knob"] == "n_active_groups" else record["value"]
 
 
+#: the training architectures whose runs have decoder groups (SASA, SPEC §3)
+SASA_ARCHITECTURES = ("sasa", "sasa_batchtopk")
+
+
 def group_rank_of(record: dict[str, Any]) -> int:
     """A SASA run's group rank r: its config's, else the architecture's default."""
     from sae_ext.saes.sasa import DEFAULT_GROUP_RANK

@@ -299,6 +299,7 @@ def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Pa
     import torch
     from sae_lens.registry import get_sae_class
 
+    from sae_ext.convergence import HALF_BUDGET_DIR
     from sae_ext.sweep import saved_runs
 
     bench = _bench("bench_sasa_groups_smollm2")
@@ -321,7 +322,7 @@ def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Pa
         sae.save_model(str(run))
         saes[key["line"]] = sae
         if value == 2:  # only this run has a saved half-budget twin
-            sae.save_model(str(run / bench.HALF_BUDGET_DIR))
+            sae.save_model(str(run / HALF_BUDGET_DIR))
         (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
     found = saved_runs(records, tmp_path / "runs", converged_only=False)
     assert len(found) == 3
