@@ -385,9 +385,12 @@ class SASATrainingSAEConfig(TrainingSAEConfig):
             synthetic benchmark, and the authors' λ = 100 on raw GPT-2-small residuals
             (‖x‖² ~ 10⁴) is of the same order. Default 1.0 (≈ 0.002·d_in for inputs
             normalised to ``E‖x‖² = d_in`` with ``"expected_average_only_in"`` at d_in = 512).
-            Safe at r ≤ 4 on SmolLM2; at r = 8 (``blocks.15.hook_mlp_out``, 8 M tokens) it
-            collapsed the used groups towards rank 1 and the run failed, which λ = 0 did not
-            (benchmarks/RESULTS.md §0h): watch the sweep's ``mean_live_group_stable_rank``.
+            On SmolLM2 (8 M tokens) it collapsed the used groups towards rank 1 and the run
+            degraded with training at r = 4 (the default) at ``blocks.15.hook_attn_out`` and at
+            r = 8 at ``hook_mlp_out``, where λ = 0 converged (benchmarks/RESULTS.md §0h); at the
+            residual streams (r ≤ 8, 2 M tokens) and at r = 4 at ``hook_mlp_out`` its runs
+            converged. Watch the sweep's ``mean_live_group_stable_rank`` and lower λ_nuc if
+            it falls towards 1.
         nuclear_warm_up_steps: linear warm-up of λ_nuc from 0 (SAELens coefficient scheduler).
         aux_k_coefficient: weight of the AuxK loss over dead groups (SAELens TopK: 1.0).
         aux_k_groups: dead groups used per token by AuxK; ``None`` → ``max(1, d_in // (2r))``,
