@@ -30,6 +30,7 @@ from sae_ext.eval_result import json_safe
 from sae_ext.sweep import (
     SASA_ARCHITECTURES,
     add_report_arguments,
+    config_value,
     curve_of,
     finished_saved_runs,
     group_rank_of,
@@ -40,11 +41,8 @@ N_QUARTILES = 4
 
 
 def nuclear_coefficient_of(record: dict[str, Any]) -> float:
-    """λ_nuc of a SASA run: its grid config's value, else its training config's default."""
-    from sae_lens.registry import get_sae_training_class
-
-    default = get_sae_training_class(record["architecture"])[1].nuclear_coefficient
-    return float(record.get("config", {}).get("nuclear_coefficient", default))
+    """λ_nuc of a SASA run as it was trained (its resolved config, else the default of its time)."""
+    return float(config_value(record, "nuclear_coefficient"))
 
 
 def _mean(t: torch.Tensor) -> float:

@@ -36,6 +36,7 @@ from sae_ext.protocol import MASSIVE_NORM_FACTOR
 from sae_ext.sweep import (
     BASELINE_ARCHITECTURE,
     add_report_arguments,
+    config_value,
     curve_of,
     curve_points,
     finished_report,
@@ -145,7 +146,7 @@ def pca_without_massive_tokens(model: Any, hook: str, tokens: Any, n_tokens: int
         out["by_rank"][r]["scaffold_angles_deg"] = {
             f"{curve_of(rec)} k={rec['value']}": principal_angles_degrees(
                 SAE.load_from_disk(str(d)).scaffold_subspace(), pc.basis).tolist()
-            for rec, d in found if rec["config"].get("scaffold_rank") == r
+            for rec, d in found if config_value(rec, "scaffold_rank") == r
         }
     return out
 

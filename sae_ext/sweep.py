@@ -237,8 +237,29 @@ def parse_arch_flag(spec: str) -> ArchSweep:
 # ---------------------------------------------------------------------------------------- runs
 
 
-def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, captured_tokens: int) -> dict[str, Any]:
-    """Everything that decides a run's result; a stored run is reused only when this matches."""
+#: Training-config fields a run's result does not depend on (left out of its resolved config).
+_UNRESOLVED_FIELDS = frozenset({"device", "metadata"})
+
+#: Defaults that changed after run keys began to hold the resolved training config: architecture →
+#: field → the default a stored run without ``resolved_config`` was trained with where its line
+#: left the field unset. List a default here when changing it, so those runs keep their meaning.
+PRE_RESOLVED_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def resolved_config(architecture: str, d_in: int, d_sae: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The training config a run of ``architecture`` builds from ``config`` (knob included), every
+    default filled in, as JSON values: what the run key compares, so a changed default never
+    passes a stored run off as the new setting."""
+    from sae_lens.registry import get_sae_training_class
+
+    cfg = get_sae_training_class(architecture)[1](d_in=d_in, d_sae=d_sae, **config)
+    return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in _UNRESOLVED_FIELDS}))
+
+
+def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, captured_tokens: int, *,
+            d_in: int) -> dict[str, Any]:
+    """Everything that decides a run's result; a stored run is reused only when this matches
+    (:func:`record_matches`). ``d_in`` is the hook's width."""
     return {
         "hook": grid.hook, "architecture": arch.architecture, "line": arch.name, "d_sae": arch.d_sae,
         "knob": arch.knob, "value": value, "config": arch.config, "seed": seed,
@@ -247,6 +268,7 @@ def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, cap
         "captured_tokens": captured_tokens, "eval_tokens": grid.eval_tokens,
         # the protocol's lr schedule and the separate half-budget run (v1 runs: constant lr, checkpoint)
         "lr_schedule": [LR_WARM_UP_FRACTION, LR_DECAY_FRACTION], "half_budget": "run",
+        "resolved_config": resolved_config(arch.architecture, d_in, arch.d_sae, {**arch.config, arch.knob: value}),
     }
 
 
@@ -377,12 +399,61 @@ def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | Non
         stored = json.loads(done.read_text())
         if stored.get("key") == task.key:
             return stored["record"]
+    # a run of the same setting in another folder (made before keys held the resolved config, or by
+    # a line that now spells out a default)
+    for key, d in _saved_run_keys(Path(task.run_dir).parent):
+        if record_matches(task.key, key):
+            return json.loads((d / "record.json").read_text())["record"]
     return next((r for r in reported if record_matches(task.key, r)), None)
 
 
 def record_matches(key: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether ``record`` (as stored in a report) was made with exactly ``key``."""
-    return all(record.get(k) == v for k, v in json.loads(json.dumps(key)).items())
+    """Whether ``record`` (a report's record or a run's key) was made with exactly ``key``.
+
+    The training configs are compared resolved (every default filled in), not as the lines wrote
+    them: a line that spells out a default matches the run made without it, and a run made under a
+    default that has since changed no longer matches a line that leaves it unset. A record from
+    before keys held the resolved config is resolved with the defaults of its time
+    (:data:`PRE_RESOLVED_DEFAULTS`); two such records compare as written.
+    """
+    key = json.loads(json.dumps(key))
+    if "resolved_config" not in key and "resolved_config" not in record:
+        return all(record.get(k) == v for k, v in key.items())
+    if any(record.get(k) != v for k, v in key.items() if k not in ("config", "resolved_config")):
+        return False
+    d_in = (key.get("resolved_config") or record["resolved_config"])["d_in"]
+    try:
+        return _resolved_of(key, d_in) == _resolved_of(record, d_in)
+    except (KeyError, TypeError, ValueError):  # a stored config this code can no longer build
+        return False
+
+
+def _resolved_of(entry: dict[str, Any], d_in: int) -> dict[str, Any]:
+    """``entry``'s resolved training config; for an entry from before keys held it, rebuilt from
+    its line's config over the defaults of its time."""
+    if "resolved_config" in entry:
+        return entry["resolved_config"]
+    config = {**PRE_RESOLVED_DEFAULTS.get(entry["architecture"], {}), **(entry.get("config") or {}),
+              entry["knob"]: entry["value"]}
+    return resolved_config(entry["architecture"], d_in, entry["d_sae"], config)
+
+
+def config_value(record: dict[str, Any], name: str) -> Any:
+    """A run's training-config field ``name`` as it was trained: from its resolved config, else (a
+    record from before keys held it) its knob or line config, else the default of its time."""
+    if "resolved_config" in record:
+        return record["resolved_config"][name]
+    if name == record["knob"]:
+        return record["value"]
+    explicit = {**PRE_RESOLVED_DEFAULTS.get(record["architecture"], {}), **(record.get("config") or {})}
+    if name in explicit:
+        return explicit[name]
+    from sae_lens.registry import get_sae_training_class
+
+    fields = {f.name: f for f in dataclasses.fields(get_sae_training_class(record["architecture"])[1])}
+    if name not in fields or fields[name].default is dataclasses.MISSING:
+        raise KeyError(f"{record['architecture']} runs have no training-config default {name!r}")
+    return fields[name].default
 
 
 def add_report_arguments(p: argparse.ArgumentParser, results_default: str | Path) -> None:
@@ -532,7 +603,7 @@ def run_sweeps(
         cache, eval_cache = train_caps[grid.hook], eval_caps[grid.hook]
         tasks = []
         for arch, value, seed in grid.runs():
-            key = {**run_key(grid, arch, value, seed, cache.n_tokens), "capture_dtype": cache.dtype}
+            key = {**run_key(grid, arch, value, seed, cache.n_tokens, d_in=cache.d_in), "capture_dtype": cache.dtype}
             tasks.append(_Task(grid, arch, value, seed, key, str(run_dir(out / grid.name / "runs", key)), cache.path,
                                eval_cache.path, eval_tokens, special, device))
         per_grid.append(tasks)
@@ -693,10 +764,8 @@ SASA_ARCHITECTURES = ("sasa", "sasa_batchtopk")
 
 
 def group_rank_of(record: dict[str, Any]) -> int:
-    """A SASA run's group rank r: its config's, else the architecture's default."""
-    from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
-
-    return int((record.get("config") or {}).get("group_rank", DEFAULT_GROUP_RANK))
+    """A SASA run's group rank r, as it was trained (:func:`config_value`)."""
+    return int(config_value(record, "group_rank"))
 
 
 def curve_of(record: dict[str, Any]) -> str:

@@ -331,6 +331,8 @@ def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Pa
     assert [(r["line"], r["budget"], r["tokens"]) for r in rows] == [
         ("sasa 2", "full", 1000), ("sasa 2", "half", 500), ("sasa 4", "full", 1000)]
     assert [r["nuclear_coefficient"] for r in rows] == [1.0, 1.0, 0.0]  # the config default, then the grid's
+    # a record that holds its resolved training config is read from it, whatever the default is now
+    assert bench.nuclear_coefficient_of({**records[0], "resolved_config": {"nuclear_coefficient": 0.1}}) == 0.1
     assert [r["r2"] for r in rows] == [0.5, 0.4, 0.5]
     for r in rows:
         sae = saes[r["line"]]

@@ -144,7 +144,7 @@ def test_a_line_can_set_its_own_batch_and_budget(tmp_path: Path, monkeypatch) ->
               special_tokens=[0])
     assert sorted(seen) == [(512, 32), (1024, 64)]  # the grid's 1024 tokens at batch 64 for the other line
     # lines without their own settings keep the keys (and so the stored runs) they had before
-    key = sweep_mod.run_key(grid, grid.archs[0], 2, 0, 768)
+    key = sweep_mod.run_key(grid, grid.archs[0], 2, 0, 768, d_in=32)
     assert (key["tokens"], key["batch_size"]) == (1024, 64)
     assert grid_from_dict({"name": "g", "hook": HOOK, "archs": [
         {"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2], "batch_size": 256}]}).archs[0].batch_size == 256
@@ -501,7 +501,66 @@ def test_active_columns_counts_sasa_groups_times_their_rank() -> None:
     from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
     from sae_ext.sweep import active_columns
 
-    assert active_columns({"knob": "n_active_groups", "value": 8, "config": {"group_rank": 4}}) == 32
-    assert active_columns({"knob": "n_active_groups", "value": 8, "config": {}}) == 8 * DEFAULT_GROUP_RANK
+    sasa = {"architecture": "sasa", "knob": "n_active_groups", "value": 8}
+    assert active_columns({**sasa, "config": {"group_rank": 4}}) == 32
+    assert active_columns({**sasa, "config": {}}) == 8 * DEFAULT_GROUP_RANK
+    assert active_columns({**sasa, "config": {}, "resolved_config": {"group_rank": 2}}) == 16
     assert active_columns({"knob": "k", "value": 32, "config": {"group_rank": 4}}) == 32
     assert active_columns({"knob": "l0_coefficient", "value": 0.3}) == 0.3
+
+
+def test_runs_are_matched_on_their_resolved_config(tmp_path: Path, monkeypatch) -> None:
+    """A run key holds the training config with every default filled in: a line that spells out a
+    default reuses the run made without it, a run made before keys held it (its record stripped of
+    ``resolved_config`` here) keeps its meaning, and one made under a default that has changed since
+    (:data:`PRE_RESOLVED_DEFAULTS`) is trained again instead of being passed off as the new setting."""
+    from sae_ext.sweep import config_value, record_matches
+
+    model, train, ev = tiny_hooked_transformer(), _rows(48, 1), _rows(16, 2)
+    grid = _grid(archs=(ArchSweep("topk", 64, "k", (2,)),))
+    (first,) = run_sweep(grid, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    resolved = first["resolved_config"]
+    assert resolved["k"] == 2 and resolved["d_in"] == 32 and resolved["aux_loss_coefficient"] == 1.0
+    assert config_value(first, "aux_loss_coefficient") == 1.0 and config_value(first, "k") == 2
+    assert "device" not in resolved and "metadata" not in resolved
+
+    trained: list[dict] = []
+    real = sweep_mod._run_one
+
+    def counting(task, model=None):
+        trained.append(task.key)
+        return real(task, model)
+
+    monkeypatch.setattr(sweep_mod, "_run_one", counting)
+    spelled = _grid(archs=(ArchSweep("topk", 64, "k", (2,), config={"aux_loss_coefficient": 1.0}),))
+    assert run_sweep(spelled, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0]) == [first]
+    other = _grid(archs=(ArchSweep("topk", 64, "k", (2,), config={"aux_loss_coefficient": 0.5}),))
+    assert not record_matches(sweep_mod.run_key(other, other.archs[0], 2, 0, first["captured_tokens"], d_in=32)
+                              | {"capture_dtype": first["capture_dtype"]}, first)
+    assert trained == []
+
+    # the same run as it was stored before keys held the resolved config
+    legacy = {k: v for k, v in first.items() if k != "resolved_config"}
+    (run,) = (tmp_path / "out" / "tiny" / "runs").iterdir()
+    run = run.rename(run.with_name("topk_k-2_seed0_0ld0ld00"))  # its folder was named from its old key
+    stored = json.loads((run / "record.json").read_text())
+    (run / "record.json").write_text(json.dumps({"key": {k: v for k, v in stored["key"].items()
+                                                          if k != "resolved_config"}, "record": legacy}))
+    report = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    (tmp_path / "res" / "tiny.json").write_text(json.dumps({**report, "runs": [legacy]}))
+    assert run_sweep(spelled, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0]) == [legacy]
+    assert config_value(legacy, "aux_loss_coefficient") == 1.0 and trained == []
+
+    # … and after the default it was made under changed: trained again, the old run kept apart
+    monkeypatch.setitem(sweep_mod.PRE_RESOLVED_DEFAULTS, "topk", {"aux_loss_coefficient": 0.25})
+    assert config_value(legacy, "aux_loss_coefficient") == 0.25
+    (again,) = run_sweep(grid, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0])
+    assert len(trained) == 1 and again["resolved_config"] == resolved
+    assert len(list((tmp_path / "out" / "tiny" / "runs").iterdir())) == 2  # the old run's SAE is kept
+    report = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert report["other_runs"] == [legacy]
+    # a line that spells out the old default is the old run again
+    old = _grid(archs=(ArchSweep("topk", 64, "k", (2,), config={"aux_loss_coefficient": 0.25}),))
+    assert run_sweep(old, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0]) == [legacy]
+    assert len(trained) == 1
+
