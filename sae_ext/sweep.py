@@ -243,7 +243,10 @@ _UNRESOLVED_FIELDS = frozenset({"device", "metadata"})
 #: Defaults that changed after run keys began to hold the resolved training config: architecture →
 #: field → the default a stored run without ``resolved_config`` was trained with where its line
 #: left the field unset. List a default here when changing it, so those runs keep their meaning.
-PRE_RESOLVED_DEFAULTS: dict[str, dict[str, Any]] = {}
+PRE_RESOLVED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sasa": {"nuclear_coefficient": 1.0},
+    "sasa_batchtopk": {"nuclear_coefficient": 1.0},
+}
 
 
 def resolved_config(architecture: str, d_in: int, d_sae: int, config: dict[str, Any]) -> dict[str, Any]:

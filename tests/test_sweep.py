@@ -564,3 +564,22 @@ def test_runs_are_matched_on_their_resolved_config(tmp_path: Path, monkeypatch) 
     assert run_sweep(old, model, train, ev, tmp_path / "out", tmp_path / "res", special_tokens=[0]) == [legacy]
     assert len(trained) == 1
 
+
+def test_sasa_runs_from_before_resolved_configs_keep_the_old_nuclear_default() -> None:
+    """SASA's λ_nuc default went from 1.0 to 0.1: a stored run made without it is a λ = 1 run, reused
+    by a line that spells out 1.0 and never by a line that leaves λ_nuc to the new default."""
+    from sae_ext.saes.sasa import DEFAULT_NUCLEAR_COEFFICIENT
+    from sae_ext.sweep import config_value, record_matches, run_key
+
+    def line(config: dict) -> tuple[dict, dict]:
+        arch = ArchSweep("sasa", 64, "n_active_groups", (4,), config={"group_rank": 2, **config})
+        key = run_key(_grid(archs=(arch,)), arch, 4, 0, 768, d_in=32)
+        return key, {k: v for k, v in key.items() if k != "resolved_config"}  # as stored before
+
+    new_default, legacy = line({})
+    spelled, _ = line({"nuclear_coefficient": 1.0})
+    assert new_default["resolved_config"]["nuclear_coefficient"] == DEFAULT_NUCLEAR_COEFFICIENT == 0.1
+    assert config_value(legacy, "nuclear_coefficient") == 1.0 and config_value(legacy, "group_rank") == 2
+    assert record_matches(spelled, legacy) and not record_matches(new_default, legacy)
+    assert record_matches(new_default, line({"nuclear_coefficient": 0.1})[0])
+    assert not record_matches(spelled, {**legacy, "value": 2})  # every other key field still counts

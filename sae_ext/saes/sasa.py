@@ -79,6 +79,9 @@ DEFAULT_GROUP_RANK = 4
 #: d_sae ≥ 32 (K = d_sae/4 ≥ 8), e.g. the contract width 128 (K = 32) and SAELens's CLI
 #: width 1024 (K = 256); the authors use s = 10 (GPT-2) and s = 15 (Mistral-7B).
 DEFAULT_N_ACTIVE_GROUPS = 8
+#: Default λ_nuc (see ``SASATrainingSAEConfig``); 1.0 in sae_ext ≤ 0.1.0 (sweep runs made under it keep
+#: that meaning: ``sae_ext.sweep.PRE_RESOLVED_DEFAULTS``).
+DEFAULT_NUCLEAR_COEFFICIENT = 0.1
 #: Floor on Gram eigenvalues (float64) in the nuclear norm: keeps sqrt differentiable.
 NUCLEAR_EIGENVALUE_FLOOR = 1e-12
 #: Normalisations under which the AuxK residual and the aux reconstruction live in different
@@ -381,16 +384,16 @@ class SASATrainingSAEConfig(TrainingSAEConfig):
         n_active_groups: s, groups kept per token, ``1 ≤ s ≤ d_sae / r``. Default 8 (L0 = 32
             columns; valid for every ``d_sae ≥ 32``).
         nuclear_coefficient: λ_nuc on ``mean_k ‖D_k‖_*``. It competes with the summed squared
-            error, so choose it relative to ``E‖x‖²``: about 0.005–0.01·E‖x‖² on our
-            synthetic benchmark, and the authors' λ = 100 on raw GPT-2-small residuals
-            (‖x‖² ~ 10⁴) is of the same order. Default 1.0 (≈ 0.002·d_in for inputs
-            normalised to ``E‖x‖² = d_in`` with ``"expected_average_only_in"`` at d_in = 512).
-            On SmolLM2 (8 M tokens) it collapsed the used groups towards rank 1 and the run
-            degraded with training at r = 4 (the default) at ``blocks.15.hook_attn_out`` and at
-            r = 8 at ``hook_mlp_out``, where λ = 0 converged (benchmarks/RESULTS.md §0h); at the
-            residual streams (r ≤ 8, 2 M tokens) and at r = 4 at ``hook_mlp_out`` its runs
-            converged. Watch the sweep's ``mean_live_group_stable_rank`` and lower λ_nuc if
-            it falls towards 1.
+            error, so choose it relative to ``E‖x‖²``: about 0.005–0.01·E‖x‖² made the groups
+            adapt their rank on our synthetic benchmark, and the authors' λ = 100 on raw GPT-2-small
+            residuals (‖x‖² ~ 10⁴) is of the same order. Default 0.1 (≈ 0.0002·d_in for inputs
+            normalised to ``E‖x‖² = d_in`` with ``"expected_average_only_in"``), the largest value
+            that converged wherever we tried it on SmolLM2 (8 M tokens): the former default 1.0
+            collapsed the used groups towards rank 1, and the run degraded with training, at r = 4
+            at ``blocks.15.hook_attn_out`` and at r = 8 at ``hook_mlp_out`` (benchmarks/RESULTS.md
+            §0h). At 0.1 the term barely lowers the groups' rank on real activations; raise it
+            for rank adaptation, and watch the sweep's ``mean_live_group_stable_rank``: lower
+            λ_nuc if it falls towards 1.
         nuclear_warm_up_steps: linear warm-up of λ_nuc from 0 (SAELens coefficient scheduler).
         aux_k_coefficient: weight of the AuxK loss over dead groups (SAELens TopK: 1.0).
         aux_k_groups: dead groups used per token by AuxK; ``None`` → ``max(1, d_in // (2r))``,
@@ -401,7 +404,7 @@ class SASATrainingSAEConfig(TrainingSAEConfig):
 
     group_rank: int = DEFAULT_GROUP_RANK
     n_active_groups: int = DEFAULT_N_ACTIVE_GROUPS
-    nuclear_coefficient: float = 1.0
+    nuclear_coefficient: float = DEFAULT_NUCLEAR_COEFFICIENT
     nuclear_warm_up_steps: int = 0
     aux_k_coefficient: float = 1.0
     aux_k_groups: int | None = None
