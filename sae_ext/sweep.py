@@ -101,8 +101,6 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
     """
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-    from sae_ext.registry import plugin_training_architectures
-
     if not grid.name or "/" in grid.name:
         raise ValueError(f"the grid's name must be a plain file name, got {grid.name!r}")
     if not grid.archs or not grid.runs():
@@ -129,12 +127,7 @@ def validate_grid(grid: SweepGrid, d_in: int | None = None) -> SweepGrid:
                 "d_sae, knob or config; a curve joins one SAE setting (its lines may differ in tokens, "
                 "batch_size, seeds and values)"
             )
-        if a.architecture not in SAE_TRAINING_CLASS_REGISTRY:
-            raise ValueError(
-                f"unknown architecture {a.architecture!r}; registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
-                f"(sae_ext adds {plugin_training_architectures()})"
-            )
-        cfg_cls = SAE_TRAINING_CLASS_REGISTRY[a.architecture][1]
+        cfg_cls = _training_config_class(a.architecture)
         fields = {f.name for f in dataclasses.fields(cfg_cls)}
         if a.knob not in fields:
             raise ValueError(
@@ -249,14 +242,33 @@ PRE_RESOLVED_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolved_config(architecture: str, d_in: int, d_sae: int, config: dict[str, Any]) -> dict[str, Any]:
+def _training_config_class(architecture: str) -> type:
+    """``architecture``'s SAELens training-config class; one clear error for an unregistered name."""
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    from sae_ext.registry import plugin_training_architectures
+
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
+            f"(sae_ext adds {plugin_training_architectures()})"
+        )
+    return SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+
+
+def _resolved_config(architecture: str, d_in: int, d_sae: int, config: dict[str, Any]) -> dict[str, Any]:
     """The training config a run of ``architecture`` builds from ``config`` (knob included), every
     default filled in, as JSON values: what the run key compares, so a changed default never
     passes a stored run off as the new setting."""
-    from sae_lens.registry import get_sae_training_class
-
-    cfg = get_sae_training_class(architecture)[1](d_in=d_in, d_sae=d_sae, **config)
+    cfg = _training_config_class(architecture)(d_in=d_in, d_sae=d_sae, **config)
     return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in _UNRESOLVED_FIELDS}))
+
+
+def _line_config(entry: dict[str, Any]) -> dict[str, Any]:
+    """The config a run stored without ``resolved_config`` set explicitly (its line's config and knob
+    value) over the defaults of its time that have changed since."""
+    return {**PRE_RESOLVED_DEFAULTS.get(entry["architecture"], {}), **(entry.get("config") or {}),
+            entry["knob"]: entry["value"]}
 
 
 def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, captured_tokens: int, *,
@@ -271,7 +283,7 @@ def run_key(grid: SweepGrid, arch: ArchSweep, value: float | int, seed: int, cap
         "captured_tokens": captured_tokens, "eval_tokens": grid.eval_tokens,
         # the protocol's lr schedule and the separate half-budget run (v1 runs: constant lr, checkpoint)
         "lr_schedule": [LR_WARM_UP_FRACTION, LR_DECAY_FRACTION], "half_budget": "run",
-        "resolved_config": resolved_config(arch.architecture, d_in, arch.d_sae, {**arch.config, arch.knob: value}),
+        "resolved_config": _resolved_config(arch.architecture, d_in, arch.d_sae, {**arch.config, arch.knob: value}),
     }
 
 
@@ -394,7 +406,8 @@ def _device_name(device: str) -> str:
     return device
 
 
-def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _stored(task: _Task, reported: list[dict[str, Any]], saved: list[tuple[dict[str, Any], Path]]
+            ) -> dict[str, Any] | None:
     """The finished record of ``task``: from its run folder, else from the grid's report (a record
     holds its whole key), so a report committed from another machine resumes the grid too."""
     done = Path(task.run_dir) / "record.json"
@@ -402,9 +415,9 @@ def _stored(task: _Task, reported: list[dict[str, Any]]) -> dict[str, Any] | Non
         stored = json.loads(done.read_text())
         if stored.get("key") == task.key:
             return stored["record"]
-    # a run of the same setting in another folder (made before keys held the resolved config, or by
-    # a line that now spells out a default)
-    for key, d in _saved_run_keys(Path(task.run_dir).parent):
+    # a run of the same setting in another folder of ``saved`` (the grid's saved runs: made before
+    # keys held the resolved config, or by a line that now spells out a default)
+    for key, d in saved:
         if record_matches(task.key, key):
             return json.loads((d / "record.json").read_text())["record"]
     return next((r for r in reported if record_matches(task.key, r)), None)
@@ -436,27 +449,25 @@ def _resolved_of(entry: dict[str, Any], d_in: int) -> dict[str, Any]:
     its line's config over the defaults of its time."""
     if "resolved_config" in entry:
         return entry["resolved_config"]
-    config = {**PRE_RESOLVED_DEFAULTS.get(entry["architecture"], {}), **(entry.get("config") or {}),
-              entry["knob"]: entry["value"]}
-    return resolved_config(entry["architecture"], d_in, entry["d_sae"], config)
+    return _resolved_config(entry["architecture"], d_in, entry["d_sae"], _line_config(entry))
 
 
 def config_value(record: dict[str, Any], name: str) -> Any:
     """A run's training-config field ``name`` as it was trained: from its resolved config, else (a
     record from before keys held it) its knob or line config, else the default of its time."""
     if "resolved_config" in record:
-        return record["resolved_config"][name]
-    if name == record["knob"]:
-        return record["value"]
-    explicit = {**PRE_RESOLVED_DEFAULTS.get(record["architecture"], {}), **(record.get("config") or {})}
-    if name in explicit:
-        return explicit[name]
-    from sae_lens.registry import get_sae_training_class
-
-    fields = {f.name: f for f in dataclasses.fields(get_sae_training_class(record["architecture"])[1])}
-    if name not in fields or fields[name].default is dataclasses.MISSING:
-        raise KeyError(f"{record['architecture']} runs have no training-config default {name!r}")
-    return fields[name].default
+        config = record["resolved_config"]
+    else:
+        missing = sorted({"architecture", "knob", "value"} - set(record))
+        if missing:
+            raise ValueError(f"not a sweep run's record or key: it has no resolved_config and no {missing}")
+        defaults = {f.name: f.default for f in dataclasses.fields(_training_config_class(record["architecture"]))
+                    if f.default is not dataclasses.MISSING}
+        config = {**defaults, **_line_config(record)}
+    if name not in config:
+        raise KeyError(f"{record.get('architecture', 'this')} run has no training-config value {name!r}; "
+                       f"its fields: {sorted(config)}")
+    return config[name]
 
 
 def add_report_arguments(p: argparse.ArgumentParser, results_default: str | Path) -> None:
@@ -619,8 +630,9 @@ def run_sweeps(
     others = {g.name: [r for r in reported[g.name] if not any(record_matches(t.key, r) for t in ts)]
               for g, ts in zip(grids, per_grid)}
     todo = []
+    saved = {g.name: _saved_run_keys(out / g.name / "runs") for g in grids}
     for task in order:
-        rec = _stored(task, reported[task.grid.name])
+        rec = _stored(task, reported[task.grid.name], saved[task.grid.name])
         if rec is None:
             if only is None or task.arch.name in only:
                 todo.append(task)

@@ -583,3 +583,11 @@ def test_sasa_runs_from_before_resolved_configs_keep_the_old_nuclear_default() -
     assert record_matches(spelled, legacy) and not record_matches(new_default, legacy)
     assert record_matches(new_default, line({"nuclear_coefficient": 0.1})[0])
     assert not record_matches(spelled, {**legacy, "value": 2})  # every other key field still counts
+    with pytest.raises(KeyError, match="no training-config value 'nope'"):
+        config_value(legacy, "nope")
+    with pytest.raises(KeyError, match="no training-config value 'nope'"):
+        config_value(spelled, "nope")
+    with pytest.raises(ValueError, match="unknown architecture 'gone'"):
+        config_value({**legacy, "architecture": "gone"}, "group_rank")
+    with pytest.raises(ValueError, match=r"not a sweep run's record or key.*\['knob', 'value'\]"):
+        config_value({"architecture": "sasa"}, "group_rank")

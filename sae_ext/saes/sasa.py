@@ -79,8 +79,8 @@ DEFAULT_GROUP_RANK = 4
 #: d_sae ≥ 32 (K = d_sae/4 ≥ 8), e.g. the contract width 128 (K = 32) and SAELens's CLI
 #: width 1024 (K = 256); the authors use s = 10 (GPT-2) and s = 15 (Mistral-7B).
 DEFAULT_N_ACTIVE_GROUPS = 8
-#: Default λ_nuc (see ``SASATrainingSAEConfig``); 1.0 in sae_ext ≤ 0.1.0 (sweep runs made under it keep
-#: that meaning: ``sae_ext.sweep.PRE_RESOLVED_DEFAULTS``).
+#: Default λ_nuc (see ``SASATrainingSAEConfig``); it was 1.0 before the change logged in CHANGELOG.md
+#: (sweep runs made under 1.0 keep that meaning: ``sae_ext.sweep.PRE_RESOLVED_DEFAULTS``).
 DEFAULT_NUCLEAR_COEFFICIENT = 0.1
 #: Floor on Gram eigenvalues (float64) in the nuclear norm: keeps sqrt differentiable.
 NUCLEAR_EIGENVALUE_FLOOR = 1e-12
