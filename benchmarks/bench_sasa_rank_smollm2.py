@@ -2,10 +2,11 @@
 
 The grid's SASA lines (``sasa``, ``sasa_batchtopk``) hold the active columns s·r fixed while the
 group rank r varies; its ``topk`` / ``batchtopk`` runs at k = s·r are the baselines
-(:data:`sae_ext.sweep.BASELINE_ARCHITECTURE`). Per SASA run: R², CE / KL loss recovered, dead and
-dense latents, the mean stable rank of the decoder groups, the gaps to the baseline run of the same
-active columns at the full budget and with SASA at half the tokens (its half-budget run, the
-paper's "matches at ~½ the tokens"), and, given the probes report of the same grid
+(:data:`sae_ext.sweep.BASELINE_ARCHITECTURE`). Per SASA run: its nuclear-norm coefficient λ_nuc as
+trained (a grid may mix them), R², CE / KL loss recovered, dead and dense latents, the mean stable
+rank of the decoder groups, the gaps to the baseline run of the same active columns at the full
+budget and with SASA at half the tokens (its half-budget run, the paper's "matches at ~½ the
+tokens"), and, given the probes report of the same grid
 (``bench_probes_smollm2.py``), first-letter absorption and split features. The recommended r of
 each architecture is its converged run with the best held-out R². Writes
 ``benchmarks/results/sasa_rank_smollm2_<grid>.{md,json,png}``.
@@ -28,6 +29,7 @@ from sae_ext.sweep import (
     SASA_ARCHITECTURES,
     active_columns,
     add_report_arguments,
+    config_value,
     curve_of,
     finished_report,
     group_rank_of,
@@ -65,7 +67,8 @@ def rank_rows(records: list[dict[str, Any]], probes: list[dict[str, Any]] | None
         cols = active_columns(r)
         row: dict[str, Any] = {
             "line": curve_of(r), "architecture": r["architecture"], "group_rank": group_rank_of(r),
-            "n_active_groups": r["value"], "active_columns": cols, "seed": r["seed"], "l0": r["l0"],
+            "n_active_groups": r["value"], "nuclear_coefficient": config_value(r, "nuclear_coefficient"),
+            "active_columns": cols, "seed": r["seed"], "l0": r["l0"],
             "converged": r["converged"], "r2_half": r["r2_half"], "dead_fraction": r["dead_fraction"],
             "dense_fraction": r["dense_fraction"], "mean_group_stable_rank": r.get("mean_group_stable_rank"),
         }
@@ -110,14 +113,14 @@ def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], best: dict[s
         "`batchtopk`; both ↔ `topk` in the last columns); \"R² @½\" is SASA's half-budget run against the "
         "baseline's full budget.", "",
         f"Command: `{command}`", "",
-        "| line | r | s | L0 | conv. | R² | ΔR² base | R² @½ − base | CE rec. | ΔCE base | ΔKL base | "
+        "| line | r | s | λ_nuc | L0 | conv. | R² | ΔR² base | R² @½ − base | CE rec. | ΔCE base | ΔKL base | "
         "ΔR² TopK | dead | dense | group stable rank | absorption (base) | split (base) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = BASELINE_ARCHITECTURE[r["architecture"]]
         out.append(
-            f"| {r['line']} | {r['group_rank']} | {r['n_active_groups']} | {r['l0']:.1f} | "
+            f"| {r['line']} | {r['group_rank']} | {r['n_active_groups']} | {r['nuclear_coefficient']:g} | {r['l0']:.1f} | "
             f"{'yes' if r['converged'] else 'no'} | {_f(r['r2'])} | {_f(r['r2_gap_' + base], '+.4f')} | "
             f"{_f(r['r2_half_gap_' + base], '+.4f')} | {_f(r['ce_loss_recovered'])} | "
             f"{_f(r['ce_loss_recovered_gap_' + base], '+.4f')} | {_f(r['kl_score_gap_' + base], '+.4f')} | "

@@ -210,7 +210,7 @@ def test_sasa_rank_rows_compare_each_rank_with_the_baseline_of_the_same_active_c
         {**_sasa_record("topk", 1, 8, 0.50), "seed": 1, "converged": False},
         _sasa_record("batchtopk", 1, 8, 0.92),
         _sasa_record("sasa", 1, 8, 0.88, r2_half=0.86), _sasa_record("sasa", 2, 4, 0.89),
-        _sasa_record("sasa", 4, 2, 0.95, converged=False),
+        {**_sasa_record("sasa", 4, 2, 0.95, converged=False), "config": {"group_rank": 4, "nuclear_coefficient": 0.1}},
         _sasa_record("sasa_batchtopk", 2, 4, 0.93, r2_half=None),
     ]
     probes = [{"line": "sasa r2", "value": 4, "seed": 0, "absorption_fraction": 0.1, "full_absorption_rate": 0.0,
@@ -230,7 +230,8 @@ def test_sasa_rank_rows_compare_each_rank_with_the_baseline_of_the_same_active_c
     best = bench.recommend(rows)
     assert best["sasa"]["group_rank"] == 2 and best["sasa_batchtopk"]["group_rank"] == 2  # r 4 is unconverged
     md = bench.markdown("g", "hook", rows, best, "cmd", "g.png")
-    assert "| sasa r1 | 1 | 8 | 8.0 | yes | 0.8800 | -0.0200 | -0.0400 |" in md and "- `sasa`: r = 2" in md
+    assert "| sasa r1 | 1 | 8 | 1 | 8.0 | yes | 0.8800 | -0.0200 | -0.0400 |" in md and "- `sasa`: r = 2" in md
+    assert "| sasa r4 | 4 | 2 | 0.1 | 8.0 | no |" in md  # λ_nuc as trained: spelled out, else the default of its time
     bench.plot(rows, tmp_path / "g.png", "t")
     assert (tmp_path / "g.png").stat().st_size > 0
 
