@@ -136,7 +136,8 @@ def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], best: dict[s
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """R² and CE loss recovered against r (log₂ axis), one line per SASA architecture and active
-    columns, the baselines of the same active columns as dashed horizontal lines."""
+    columns through its converged runs (unconverged runs as open markers), the baselines of the
+    same active columns as dashed horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +148,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         baselines: dict[tuple[str, Any], float] = {}
         for arch in SASA_ARCHITECTURES:
             for cols in sorted({r["active_columns"] for r in rows if r["architecture"] == arch}):
-                pts = sorted((r["group_rank"], r[metric]) for r in rows
-                             if r["architecture"] == arch and r["active_columns"] == cols and r["converged"])
+                line = [r for r in rows if r["architecture"] == arch and r["active_columns"] == cols]
+                pts = sorted((r["group_rank"], r[metric]) for r in line if r["converged"])
+                off = sorted((r["group_rank"], r[metric]) for r in line if not r["converged"])
+                colour = f"C{SASA_ARCHITECTURES.index(arch)}"
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{arch}, s·r = {cols}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour, label=f"{arch}, s·r = {cols}")
+                if off:  # shown, not joined: a run that did not converge is no point of the curve
+                    ax.scatter([p[0] for p in off], [p[1] for p in off], marker="o", facecolors="none",
+                               edgecolors=colour, label=f"{arch}, s·r = {cols}, not converged")
                 base = BASELINE_ARCHITECTURE[arch]
                 vals = [r[f"{metric}_{base}"] for r in rows if r["architecture"] == arch and r["active_columns"] == cols]
                 if vals and math.isfinite(vals[0]):
