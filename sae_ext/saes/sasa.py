@@ -387,11 +387,12 @@ class SASATrainingSAEConfig(TrainingSAEConfig):
             error, so choose it relative to ``E‖x‖²``: about 0.005–0.01·E‖x‖² made the groups
             adapt their rank on our synthetic benchmark, and the authors' λ = 100 on raw GPT-2-small
             residuals (‖x‖² ~ 10⁴) is of the same order. Default 0.1 (≈ 0.0002·d_in for inputs
-            normalised to ``E‖x‖² = d_in`` with ``"expected_average_only_in"``), the largest value
-            that converged wherever we tried it on SmolLM2 (8 M tokens): the former default 1.0
-            collapsed the used groups towards rank 1, and the run degraded with training, at r = 4
-            at ``blocks.15.hook_attn_out`` and at r = 8 at ``hook_mlp_out`` (benchmarks/RESULTS.md
-            §0h). At 0.1 the term barely lowers the groups' rank on real activations; raise it
+            normalised to ``E‖x‖² = d_in`` with ``"expected_average_only_in"``). On SmolLM2 (8 M
+            tokens) it converged where the former default 1.0 collapsed the used groups towards
+            rank 1 and the run degraded with training: r = 4 at ``blocks.15.hook_attn_out`` and
+            r = 8 at ``hook_mlp_out`` (benchmarks/RESULTS.md §0h). At r = 8 at ``hook_attn_out``
+            it collapses them too, and λ_nuc 0 does not converge there either: avoid r = 8 at that
+            hook. At 0.1 the term barely lowers the groups' rank on real activations; raise it
             for rank adaptation, and watch the sweep's ``mean_live_group_stable_rank``: lower
             λ_nuc if it falls towards 1.
         nuclear_warm_up_steps: linear warm-up of λ_nuc from 0 (SAELens coefficient scheduler).
