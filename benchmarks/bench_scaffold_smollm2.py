@@ -95,7 +95,7 @@ def evaluate_scaffolds(found: list[tuple[dict[str, Any], Path]], model: Any, tok
             raise ValueError(f"{d} is not a scaffolded SAE with a declared subspace ({res.sae.architecture})")
         angles = sc.principal_angles_deg
         out.append({
-            "line": curve_of(r), "k": r["value"], "l0": r["l0"], "rank": sc.pca_rank,
+            "line": curve_of(r), "k": r["value"], "seed": r["seed"], "l0": r["l0"], "rank": sc.pca_rank,
             "ce_clean": sc.ablation.ce_clean,
             "ce_ratio_scaffold": sc.ablation.ce_ratio, "ce_ratio_pca": sc.pca_removal.ce_ratio,
             "increase_ratio": sc.increase_ratio_vs_pca,
@@ -209,6 +209,11 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
                 f"{f(a['kl_pca'])} | {f(a['pca_explained_variance'])} | "
                 f"{min(a['angles_deg']):.1f} / {a['angle_median']:.1f} / {max(a['angles_deg']):.1f} |"
                 for a in abl]
+        done = {(a["line"], a["k"], a.get("seed")) for a in abl}
+        unsaved = [f"{curve_of(r)} k={r['value']} seed {r['seed']}" for r in records
+                   if r["architecture"] in PLAIN and r["converged"] and (curve_of(r), r["value"], r["seed"]) not in done]
+        if unsaved:
+            out += ["", f"Not ablated (no saved SAE under the sweep's `--out`): {', '.join(unsaved)}."]
     if massive:
         out += [
             "", "## The same PCA without massive tokens",

@@ -126,6 +126,7 @@ def test_scaffold_ablations_of_saved_sweep_runs_end_to_end(tmp_path: Path) -> No
     assert len(angles) == 2 and list(m["scaffold_angles_deg"]) == ["scaffold r2 k=4"]
     md = bench.markdown("g", "h", [], rows, records, "g.png", massive)
     assert "Scaffold zeroed vs top-r PCA removed" in md and "## The same PCA without massive tokens" in md
+    assert "Not ablated (no saved SAE under the sweep's `--out`): scaffold r2 k=8 seed 0." in md
 
 
 def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_path: Path) -> None:
