@@ -107,6 +107,45 @@ def evaluate_scaffolds(found: list[tuple[dict[str, Any], Path]], model: Any, tok
     return out
 
 
+def keep_earlier_ablations(abl: list[dict[str, Any]], massive: dict[str, Any] | None,
+                           earlier: dict[str, Any] | None, records: list[dict[str, Any]], eval_tokens: int,
+                           ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Add to this call's ablations those of an earlier report of the same bench whose SAE is not
+    saved here, so that a bench re-run on another machine (the SAEs of earlier sessions gone) does
+    not drop them.
+
+    An earlier row is kept only when it measured the same run (line, k, seed and L0 of a converged
+    record of the report) on the same number of held-out tokens, and this call did not ablate that
+    run again; kept rows carry ``"earlier": True``. The massive-token PCA section is merged the
+    same way: ranks and scaffold angles that this call did not compute come from the earlier report.
+    """
+    if not earlier:
+        return abl, massive
+    if earlier.get("eval_tokens") != eval_tokens:
+        print(f"earlier report measured on {earlier.get('eval_tokens')} tokens, not {eval_tokens}: not kept")
+        return abl, massive
+    current = {(curve_of(r), r["value"], r["seed"]): r["l0"] for r in records
+               if r["architecture"] in PLAIN and r["converged"]}
+    done = {(a["line"], a["k"], a["seed"]) for a in abl}
+    # rows written before the bench recorded seeds came from one-seed grids (seed 0)
+    rows = [{**a, "seed": a.get("seed", 0)} for a in earlier.get("scaffold_ablations") or []]
+    kept = [{**a, "earlier": True} for a in rows
+            if (a["line"], a["k"], a["seed"]) not in done and current.get((a["line"], a["k"], a["seed"])) == a["l0"]]
+    old = earlier.get("pca_without_massive_tokens")
+    if old and kept:
+        keep_runs = {f"{a['line']} k={a['k']}" for a in kept}
+        by_rank = {int(r): {**m, "scaffold_angles_deg": {run: v for run, v in m["scaffold_angles_deg"].items()
+                                                         if run in keep_runs}}
+                   for r, m in old["by_rank"].items()}
+        for r, m in (massive or {}).get("by_rank", {}).items():
+            by_rank[r] = {**m, "scaffold_angles_deg": {**by_rank.get(r, {}).get("scaffold_angles_deg", {}),
+                                                       **m["scaffold_angles_deg"]}}
+        massive = {**old, **(massive or {}), "by_rank": dict(sorted(by_rank.items()))}
+    key = {line: i for i, line in enumerate(dict.fromkeys(curve_of(r) for r in sorted(records, key=curve_of)))}
+    merged = sorted(abl + kept, key=lambda a: (key.get(a["line"], len(key)), a["l0"]))
+    return merged, massive
+
+
 def pca_without_massive_tokens(model: Any, hook: str, tokens: Any, n_tokens: int, ranks: list[int],
                                found: list[tuple[dict[str, Any], Path]]) -> dict[str, Any]:
     """The top-r PCA of the held-out non-special activations with and without massive tokens.
@@ -209,6 +248,10 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
                 f"{f(a['kl_pca'])} | {f(a['pca_explained_variance'])} | "
                 f"{min(a['angles_deg']):.1f} / {a['angle_median']:.1f} / {max(a['angles_deg']):.1f} |"
                 for a in abl]
+        n_earlier = sum(1 for a in abl if a.get("earlier"))
+        if n_earlier:
+            out += ["", f"{n_earlier} of these rows come from the earlier report of this bench (same runs, same "
+                    "held-out tokens; their SAEs are not saved here)."]
         done = {(a["line"], a["k"], a.get("seed")) for a in abl}
         unsaved = [f"{curve_of(r)} k={r['value']} seed {r['seed']}" for r in records
                    if r["architecture"] in PLAIN and r["converged"] and (curve_of(r), r["value"], r["seed"]) not in done]
@@ -259,6 +302,10 @@ def main() -> None:
         ranks = sorted({a["rank"] for a in abl})
         massive = pca_without_massive_tokens(model, grid.hook, tokens, args.eval_tokens, ranks, found)
     tag = args.tag or f"scaffold_smollm2_{grid.name}"
+    earlier_path = RESULTS / f"{tag}.json"
+    if not args.no_ablations and earlier_path.is_file():
+        abl, massive = keep_earlier_ablations(abl, massive, json.loads(earlier_path.read_text()), records,
+                                              args.eval_tokens)
     png = RESULTS / f"{tag}.png"
     plot(records, png, f"{grid.name}: dense latents (converged runs)")
     (RESULTS / f"{tag}.json").write_text(json.dumps(json_safe({

@@ -351,3 +351,46 @@ def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Pa
     assert md.count("| sasa 2 | 4 | 2 | 1 |") == 2 and "| **no** |" in md and "| sasa 4 | 2 | 4 | 0 |" in md
     with pytest.raises(ValueError, match="no sasa / sasa_batchtopk run among the 1 saved runs"):
         bench.group_rows(found[2:], x)
+
+
+def test_scaffold_bench_keeps_earlier_ablations_of_runs_not_saved_here() -> None:
+    bench = _bench("bench_scaffold_smollm2")
+    records = [
+        _record("scaffold_batchtopk", "scaffold r8", 16, 15.0, 0.01),
+        _record("scaffold_batchtopk", "scaffold r8", 32, 30.0, 0.02),
+        _record("scaffold_batchtopk", "scaffold r8", 64, 61.0, 0.03),  # retrained: earlier row had L0 60
+        _record("batchtopk", "batchtopk", 32, 30.0, 0.05),
+    ]
+
+    def row(k: int, l0: float, ratio: float, seed: int | None = 0) -> dict:
+        r = {"line": "scaffold r8", "k": k, "l0": l0, "rank": 8, "ce_ratio_scaffold": ratio, "ce_ratio_pca": 1.2,
+             "increase_ratio": 0.5, "kl_scaffold": 0.1, "kl_pca": 0.2, "pca_explained_variance": 0.3,
+             "angles_deg": [10.0], "angle_median": 10.0}
+        return r if seed is None else {**r, "seed": seed}
+
+    def rank(angles: dict) -> dict:
+        return {"explained_variance_all": 0.9, "explained_variance_without_massive": 0.3,
+                "max_angle_between_bases_deg": 80.0, "ce_ratio_pca_without_massive": 1.1,
+                "kl_pca_without_massive": 0.1, "scaffold_angles_deg": angles}
+
+    new = [row(32, 30.0, 1.5)]
+    new_massive = {"tokens": 9, "massive": 1, "by_rank": {8: rank({"scaffold r8 k=32": [5.0]})}}
+    earlier = {
+        "eval_tokens": 8192,
+        "scaffold_ablations": [row(16, 15.0, 1.1, seed=None), row(32, 30.0, 9.9), row(64, 60.0, 9.9)],
+        "pca_without_massive_tokens": {"tokens": 9, "massive": 1, "by_rank": {
+            "8": rank({"scaffold r8 k=16": [7.0], "scaffold r8 k=32": [9.0], "scaffold r8 k=64": [9.0]}),
+            "24": rank({"scaffold r24 k=32": [8.0]})}},
+    }
+    abl, massive = bench.keep_earlier_ablations(new, new_massive, earlier, records, 8192)
+    # k 16 kept (seedless row = seed 0), k 32 from this call, k 64 dropped (its L0 no longer matches)
+    assert [(a["k"], a["ce_ratio_scaffold"], a.get("earlier", False)) for a in abl] == [(16, 1.1, True), (32, 1.5, False)]
+    assert massive is not None and list(massive["by_rank"]) == [8, 24]
+    assert massive["by_rank"][8]["scaffold_angles_deg"] == {"scaffold r8 k=16": [7.0], "scaffold r8 k=32": [5.0]}
+    assert massive["by_rank"][24]["scaffold_angles_deg"] == {}
+    md = bench.markdown("g", "h", [], abl, records, "g.png", massive)
+    assert "1 of these rows come from the earlier report" in md
+    assert "Not ablated (no saved SAE under the sweep's `--out`): scaffold r8 k=64 seed 0." in md
+    # measured on other held-out tokens, or no earlier report: nothing is kept
+    assert bench.keep_earlier_ablations(new, new_massive, {**earlier, "eval_tokens": 16384}, records, 8192) == (new, new_massive)
+    assert bench.keep_earlier_ablations(new, new_massive, None, records, 8192) == (new, new_massive)
