@@ -37,6 +37,7 @@ from sae_ext.sweep import (
     add_report_arguments,
     curve_of,
     curve_points,
+    finished_report,
     finished_saved_runs,
 )
 
@@ -81,6 +82,32 @@ def score_runs(found: list[tuple[dict[str, Any], Path]], data: Any) -> list[dict
     return rows
 
 
+def keep_earlier_rows(rows: list[dict[str, Any]], earlier: dict[str, Any] | None, records: list[dict[str, Any]],
+                      n_words: tuple[int, int], n_texts: tuple[int, int]) -> list[dict[str, Any]]:
+    """This call's rows plus those of an earlier report of the same bench whose SAE is not saved
+    here, so that a re-run on another machine (earlier sessions' SAEs gone) does not drop them.
+
+    An earlier row is kept only when the probe data had the same size (spelling words and texts,
+    train / test: the data is built deterministically from them) and the row is a converged run of
+    the current report (curve, knob value, seed and L0 equal) that this call did not score again;
+    kept rows carry ``"earlier": True``.
+    """
+    if not earlier:
+        return rows
+    if list(earlier.get("words", [])) != list(n_words) or list(earlier.get("texts", [])) != list(n_texts):
+        print(f"earlier report probed {earlier.get('words')} words / {earlier.get('texts')} texts, "
+              f"not {list(n_words)} / {list(n_texts)}: not kept")
+        return rows
+
+    def ident(r: dict[str, Any]) -> tuple[Any, ...]:
+        return curve_of(r), r["value"], r["seed"], r["l0"]
+
+    current = {ident(r) for r in records if r["converged"]}
+    done = {ident(r) for r in rows}
+    kept = [{**r, "earlier": True} for r in earlier.get("runs", []) if ident(r) in current and ident(r) not in done]
+    return rows + kept
+
+
 def against_baseline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each run of an architecture in :data:`BASELINE_ARCHITECTURE` against every curve of its
     baseline architecture: the metric there interpolated at the run's L0 (NaN outside), and its run
@@ -118,6 +145,12 @@ def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], pairs: list[
         "five sections, one-vs-rest balanced tasks, mean-pooled over non-special tokens "
         "(`docs/probes.md`). Lower absorption is better; higher probe accuracy is better.", "",
         f"Wall time {seconds:.0f} s. Command: `{command}`", "",
+    ]
+    n_earlier = sum(1 for r in rows if r.get("earlier"))
+    if n_earlier:
+        out += [f"{n_earlier} of the {len(rows)} runs were scored by an earlier call of this bench on the same probe "
+                "data (their SAEs are not saved here); the wall time is this call's.", ""]
+    out += [
         "## Every run", "",
         "| curve | knob | value | seed | L0 | R² | absorption frac. | full absorption | split | letters | "
         + " | ".join(f"acc k={k}" for k in ks) + " | dense probe |",
@@ -177,11 +210,15 @@ def main() -> None:
                       progress=True)
     data_s = time.perf_counter() - t0
     rows = score_runs(found, data)
-    pairs = against_baseline(rows)
     seconds = time.perf_counter() - t0
     n_words = (len(data.spelling.train_letters), len(data.spelling.test_letters))
     n_texts = (len(data.train.labels), len(data.test.labels))
     tag = args.tag or f"probes_smollm2_{grid.name}"
+    earlier = RESULTS / f"{tag}.json"
+    if earlier.is_file():
+        rows = keep_earlier_rows(rows, json.loads(earlier.read_text()), finished_report(args.grid, args.results)[2],
+                                 n_words, n_texts)
+    pairs = against_baseline(rows)
     command = "python benchmarks/bench_probes_smollm2.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{tag}.json").write_text(json.dumps(json_safe({
         "grid": str(args.grid), "hook": grid.hook, "report": str(report), "command": command,

@@ -187,6 +187,16 @@ def test_probes_of_saved_sweep_runs_against_their_baseline_at_matched_l0(tmp_pat
         assert pair[f"{m}_baseline_same_value"] == b or math.isnan(b)
     md = bench.markdown("g", "h", rows, [pair], (10, 2), (20, 20), 1.0, "cmd")
     assert "## Scaffold vs sparse latents" in md and "## Against the baseline architecture at matched L0" in md
+    # a re-run where only the scaffold SAE is saved keeps the earlier rows of the same probe data
+    sizes = (len(data.spelling.train_letters), len(data.spelling.test_letters)), (len(data.train.labels), len(data.test.labels))
+    earlier = {"words": list(sizes[0]), "texts": list(sizes[1]), "runs": json.loads(json.dumps(rows))}
+    merged = bench.keep_earlier_rows([scaffold], earlier, records, *sizes)
+    assert merged[0] is scaffold and len(merged) == len(rows) and all(r["earlier"] for r in merged[1:])
+    assert "4 of the 5 runs were scored by an earlier call" in bench.markdown("g", "h", merged, [], *sizes, 1.0, "cmd")
+    retrained = [{**r, "l0": 2.5} if r["line"] == "topk" else r for r in records]  # another run now: not kept
+    assert "topk" not in {r["line"] for r in bench.keep_earlier_rows([scaffold], earlier, retrained, *sizes)}
+    other_data = ((sizes[0][0] + 1, sizes[0][1]), sizes[1])
+    assert bench.keep_earlier_rows([scaffold], earlier, records, *other_data) == [scaffold]
 
 
 def _sasa_record(arch: str, r: int, s: int, r2: float, r2_half: float | None = None, converged: bool = True) -> dict:
