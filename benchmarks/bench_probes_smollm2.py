@@ -39,6 +39,7 @@ from sae_ext.sweep import (
     curve_points,
     finished_report,
     finished_saved_runs,
+    keep_earlier,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -102,10 +103,7 @@ def keep_earlier_rows(rows: list[dict[str, Any]], earlier: dict[str, Any] | None
     def ident(r: dict[str, Any]) -> tuple[Any, ...]:
         return curve_of(r), r["value"], r["seed"], r["l0"]
 
-    current = {ident(r) for r in records if r["converged"]}
-    done = {ident(r) for r in rows}
-    kept = [{**r, "earlier": True} for r in earlier.get("runs", []) if ident(r) in current and ident(r) not in done]
-    return rows + kept
+    return keep_earlier(rows, earlier.get("runs", []), records, ident, ident)
 
 
 def against_baseline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from sae_ext.sweep import (
     curve_of,
     curve_points,
     finished_report,
+    keep_earlier,
     saved_runs,
 )
 
@@ -124,13 +125,11 @@ def keep_earlier_ablations(abl: list[dict[str, Any]], massive: dict[str, Any] | 
     if earlier.get("eval_tokens") != eval_tokens:
         print(f"earlier report measured on {earlier.get('eval_tokens')} tokens, not {eval_tokens}: not kept")
         return abl, massive
-    current = {(curve_of(r), r["value"], r["seed"]): r["l0"] for r in records
-               if r["architecture"] in PLAIN and r["converged"]}
-    done = {(a["line"], a["k"], a["seed"]) for a in abl}
     # rows written before the bench recorded seeds came from one-seed grids (seed 0)
     rows = [{**a, "seed": a.get("seed", 0)} for a in earlier.get("scaffold_ablations") or []]
-    kept = [{**a, "earlier": True} for a in rows
-            if (a["line"], a["k"], a["seed"]) not in done and current.get((a["line"], a["k"], a["seed"])) == a["l0"]]
+    kept = keep_earlier(abl, rows, [r for r in records if r["architecture"] in PLAIN],
+                        lambda a: (a["line"], a["k"], a["seed"], a["l0"]),
+                        lambda r: (curve_of(r), r["value"], r["seed"], r["l0"]))[len(abl):]
     old = earlier.get("pca_without_massive_tokens")
     if old and kept:
         keep_runs = {f"{a['line']} k={a['k']}" for a in kept}

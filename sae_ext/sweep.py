@@ -521,6 +521,17 @@ def saved_runs(records: list[dict[str, Any]], runs: str | Path, *, converged_onl
     return found
 
 
+def keep_earlier(new: list[dict[str, Any]], earlier: list[dict[str, Any]], records: list[dict[str, Any]],
+                 ident: Callable[[dict[str, Any]], tuple[Any, ...]],
+                 record_ident: Callable[[dict[str, Any]], tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """``new`` (a bench's rows of this call) plus the rows of its earlier report that measured a
+    converged run of ``records`` (``ident(row) == record_ident(record)``) not measured again here,
+    marked ``"earlier": True``: a bench re-run where earlier SAEs are no longer saved keeps them."""
+    current = {record_ident(r) for r in records if r["converged"]}
+    done = {ident(r) for r in new}
+    return new + [{**r, "earlier": True} for r in earlier if ident(r) in current and ident(r) not in done]
+
+
 def finished_saved_runs(grid_path: str | Path, results_dir: str | Path, out: str | Path, *,
                         converged_only: bool = True) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
     """:func:`finished_report`'s grid and report path, with the converged (or, ``converged_only=False``,

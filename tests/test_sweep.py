@@ -591,3 +591,16 @@ def test_sasa_runs_from_before_resolved_configs_keep_the_old_nuclear_default() -
         config_value({**legacy, "architecture": "gone"}, "group_rank")
     with pytest.raises(ValueError, match=r"not a sweep run's record or key.*\['knob', 'value'\]"):
         config_value({"architecture": "sasa"}, "group_rank")
+
+
+def test_keep_earlier_adds_only_rows_of_converged_runs_not_measured_again() -> None:
+    from sae_ext.sweep import keep_earlier
+
+    def ident(r: dict) -> tuple:
+        return r["line"], r["l0"]
+
+    records = [{"line": "a", "l0": 1.0, "converged": True}, {"line": "b", "l0": 2.0, "converged": True},
+               {"line": "c", "l0": 3.0, "converged": False}]
+    new = [{"line": "a", "l0": 1.0, "v": "new"}]
+    earlier = [{"line": n, "l0": x, "v": "old"} for n, x in [("a", 1.0), ("b", 2.0), ("b", 2.5), ("c", 3.0)]]
+    assert keep_earlier(new, earlier, records, ident, ident) == [new[0], {"line": "b", "l0": 2.0, "v": "old", "earlier": True}]
