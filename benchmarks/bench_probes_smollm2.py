@@ -189,7 +189,7 @@ def main() -> None:
     import sys
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_report_arguments(p, RESULTS / "sweeps")
+    add_report_arguments(p, RESULTS / "sweeps", only=True)
     p.add_argument("--per-class", type=int, default=None, help="paragraphs per section (default: all)")
     p.add_argument("--absorption-words", type=int, default=None, help="spelling words (default: every eligible)")
     p.add_argument("--tag", default=None, help="output name (default probes_smollm2_<grid name>)")
@@ -198,7 +198,7 @@ def main() -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    grid, report, found = finished_saved_runs(args.grid, args.results, args.out)
+    grid, report, found = finished_saved_runs(args.grid, args.results, args.out, only=args.only)
     from sae_ext.metrics.probing import probe_data
     from sae_ext.models import load_default_model
 

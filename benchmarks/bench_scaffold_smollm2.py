@@ -36,6 +36,7 @@ from sae_ext.protocol import MASSIVE_NORM_FACTOR
 from sae_ext.sweep import (
     BASELINE_ARCHITECTURE,
     add_report_arguments,
+    check_only,
     config_value,
     curve_of,
     curve_points,
@@ -77,9 +78,11 @@ def dense_at_matched_l0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def saved_scaffold_runs(records: list[dict[str, Any]], runs: Path) -> list[tuple[dict[str, Any], Path]]:
-    """The converged scaffold records whose SAE is saved under ``runs`` (a sweep's run folders)."""
-    return saved_runs([r for r in records if r["architecture"] in PLAIN], runs)
+def saved_scaffold_runs(records: list[dict[str, Any]], runs: Path, only: list[str] | None = None,
+                        ) -> list[tuple[dict[str, Any], Path]]:
+    """The converged scaffold records (of the lines ``only`` names; None: all) whose SAE is saved
+    under ``runs`` (a sweep's run folders)."""
+    return saved_runs([r for r in records if r["architecture"] in PLAIN], runs, only=only)
 
 
 def evaluate_scaffolds(found: list[tuple[dict[str, Any], Path]], model: Any, tokens: Any, n_tokens: int) -> list[dict[str, Any]]:
@@ -278,7 +281,7 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_report_arguments(p, RESULTS / "sweeps")
+    add_report_arguments(p, RESULTS / "sweeps", only=True)
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for the CE ablations")
     p.add_argument("--no-ablations", action="store_true", help="dense/dead comparison only (no model passes)")
     p.add_argument("--tag", default=None, help="output name (default scaffold_smollm2_<grid name>)")
@@ -286,11 +289,12 @@ def main() -> None:
     if args.eval_tokens < 128:
         raise SystemExit(f"--eval-tokens must be >= 128 (one row), got {args.eval_tokens}")
     grid, report, records = finished_report(args.grid, args.results)
+    check_only(args.only, [grid])
     t0 = time.perf_counter()
     dense = dense_at_matched_l0(records)
     abl: list[dict[str, Any]] = []
     massive: dict[str, Any] | None = None
-    found = [] if args.no_ablations else saved_scaffold_runs(records, args.out / grid.name / "runs")
+    found = [] if args.no_ablations else saved_scaffold_runs(records, args.out / grid.name / "runs", args.only)
     if found:
         from sae_ext.data import default_token_dataset
         from sae_ext.models import load_default_model

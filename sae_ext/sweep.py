@@ -470,12 +470,24 @@ def config_value(record: dict[str, Any], name: str) -> Any:
     return config[name]
 
 
-def add_report_arguments(p: argparse.ArgumentParser, results_default: str | Path) -> None:
+def check_only(only: list[str] | None, grids: list[SweepGrid]) -> None:
+    """ValueError unless ``only`` (None: every line) names one or more lines (labels) of ``grids``."""
+    all_lines = sorted({a.name for g in grids for a in g.archs})
+    if only is not None and (not only or set(only) - set(all_lines)):
+        raise ValueError(f"only must name lines of the grids, got {only!r}; the lines: {all_lines}")
+
+
+def add_report_arguments(p: argparse.ArgumentParser, results_default: str | Path, *, only: bool = False) -> None:
     """``--grid``, ``--results`` and ``--out``: where a script that reads a finished sweep finds its
-    grid, its report and its saved SAEs (the sweep's own ``--out``)."""
+    grid, its report and its saved SAEs (the sweep's own ``--out``). With ``only``, also ``--only``
+    for a bench that keeps its earlier rows (:func:`keep_earlier`): measure the saved runs of some
+    lines again and keep the earlier rows of the others."""
     p.add_argument("--grid", type=Path, required=True, help="the sweep grid (TOML/YAML/JSON) the runs came from")
     p.add_argument("--results", type=Path, default=Path(results_default), help="where the sweep report is")
     p.add_argument("--out", type=Path, default=Path("sae_ext_out/sweeps"), help="the sweep's --out (saved SAEs)")
+    if only:
+        p.add_argument("--only", nargs="+", default=None, metavar="LINE",
+                       help="measure only these lines' saved runs; the earlier report's rows of the others are kept")
 
 
 def finished_report(grid_path: str | Path, results_dir: str | Path) -> tuple[SweepGrid, Path, list[dict[str, Any]]]:
@@ -503,15 +515,16 @@ def _saved_run_keys(runs: str | Path) -> list[tuple[dict[str, Any], Path]]:
     return saved
 
 
-def saved_runs(records: list[dict[str, Any]], runs: str | Path, *, converged_only: bool = True
-               ) -> list[tuple[dict[str, Any], Path]]:
+def saved_runs(records: list[dict[str, Any]], runs: str | Path, *, converged_only: bool = True,
+               only: list[str] | None = None) -> list[tuple[dict[str, Any], Path]]:
     """The converged ``records`` of a report (every record with ``converged_only=False``, for
-    diagnosing the runs that failed) paired with their saved SAE folder under ``runs`` (a grid's
-    ``<out>/<name>/runs``); a record without one is skipped with a note."""
+    diagnosing the runs that failed) of the lines ``only`` names (None: every line) paired with
+    their saved SAE folder under ``runs`` (a grid's ``<out>/<name>/runs``); a record without one
+    is skipped with a note."""
     saved = _saved_run_keys(runs)
     found = []
     for r in records:
-        if converged_only and not r["converged"]:
+        if (converged_only and not r["converged"]) or (only is not None and r["line"] not in only):
             continue
         d = next((d for key, d in saved if record_matches(key, r)), None)
         if d is None:
@@ -533,13 +546,15 @@ def keep_earlier(new: list[dict[str, Any]], earlier: list[dict[str, Any]], recor
 
 
 def finished_saved_runs(grid_path: str | Path, results_dir: str | Path, out: str | Path, *,
-                        converged_only: bool = True) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
+                        converged_only: bool = True, only: list[str] | None = None,
+                        ) -> tuple[SweepGrid, Path, list[tuple[dict[str, Any], Path]]]:
     """:func:`finished_report`'s grid and report path, with the converged (or, ``converged_only=False``,
-    all) records paired with their saved SAE under ``out/<grid name>/runs`` (:func:`saved_runs`);
-    FileNotFoundError when none is saved."""
+    all) records of the lines ``only`` names (None: every line) paired with their saved SAE under
+    ``out/<grid name>/runs`` (:func:`saved_runs`); FileNotFoundError when none is saved."""
     grid, report, records = finished_report(grid_path, results_dir)
+    check_only(only, [grid])
     runs = Path(out) / grid.name / "runs"
-    found = saved_runs(records, runs, converged_only=converged_only)
+    found = saved_runs(records, runs, converged_only=converged_only, only=only)
     if not found:
         which = "converged run" if converged_only else "run"
         raise FileNotFoundError(f"no {which} of {report} has a saved SAE under {runs}")
@@ -604,9 +619,7 @@ def run_sweeps(
         raise ValueError(f"two grids share a name in {names}")
     for grid in grids:
         validate_grid(grid, d_in=hook_width(model, grid.hook))
-    all_lines = sorted({a.name for g in grids for a in g.archs})
-    if only is not None and (not only or set(only) - set(all_lines)):
-        raise ValueError(f"only must name lines of the grids, got {only!r}; the lines: {all_lines}")
+    check_only(only, grids)
     if len({g.context_size for g in grids}) != 1:
         raise ValueError(f"grids run together need one context_size, got {sorted({g.context_size for g in grids})}")
     special = resolve_special_tokens(model, special_tokens if special_tokens is not None else True)

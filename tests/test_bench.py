@@ -111,6 +111,7 @@ def test_scaffold_ablations_of_saved_sweep_runs_end_to_end(tmp_path: Path) -> No
     ]
     found = bench.saved_scaffold_runs(records, tmp_path / "runs")
     assert [(r["value"], d) for r, d in found] == [(4, run)]  # k 8 has no saved SAE
+    assert bench.saved_scaffold_runs(records, tmp_path / "runs", only=["scaffold r8"]) == []
     rows = bench.evaluate_scaffolds(found, model, random_token_dataset(), n_tokens=96)
     (row,) = rows
     assert row["rank"] == 2 and len(row["angles_deg"]) == 2 and row["n_tokens"] == 96

@@ -497,6 +497,38 @@ def test_finished_saved_runs_pairs_converged_records_with_their_saved_sae(tmp_pa
         finished_saved_runs(tmp_path / "g.json", tmp_path / "res", tmp_path / "empty", converged_only=False)
 
 
+def test_finished_saved_runs_of_named_lines_only(tmp_path: Path) -> None:
+    import argparse
+
+    from sae_lens.registry import get_sae_class
+
+    from sae_ext.sweep import add_report_arguments, finished_saved_runs
+
+    spec = {"name": "g", "hook": HOOK, "archs": [
+        {"architecture": "topk", "d_sae": 64, "knob": "k", "values": [2]},
+        {"architecture": "topk", "label": "topk wide", "d_sae": 128, "knob": "k", "values": [2]}]}
+    (tmp_path / "g.json").write_text(json.dumps(spec))
+    keys = [{"architecture": "topk", "line": line, "knob": "k", "value": 2, "seed": 0} for line in ("topk", "topk wide")]
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "g.json").write_text(json.dumps({"runs": [{**k, "converged": True} for k in keys]}))
+    sae_cls, cfg_cls = get_sae_class("topk")
+    for key in keys:
+        run = tmp_path / "out" / "g" / "runs" / key["line"].replace(" ", "_")
+        sae_cls(cfg_cls(d_in=8, d_sae=16, k=2)).save_model(str(run))
+        (run / "record.json").write_text(json.dumps({"key": key, "record": {}}))
+    p = argparse.ArgumentParser()
+    add_report_arguments(p, tmp_path / "res", only=True)
+    args = p.parse_args(["--grid", str(tmp_path / "g.json"), "--only", "topk wide"])
+    assert args.only == ["topk wide"]
+    _, _, found = finished_saved_runs(args.grid, tmp_path / "res", tmp_path / "out", only=args.only)
+    assert [r["line"] for r, _ in found] == ["topk wide"]
+    _, _, every = finished_saved_runs(args.grid, tmp_path / "res", tmp_path / "out")
+    assert [r["line"] for r, _ in every] == ["topk", "topk wide"]
+    for bad in (["topk narrow"], []):
+        with pytest.raises(ValueError, match=r"only must name lines of the grids, got .*the lines: \['topk', 'topk wide'\]"):
+            finished_saved_runs(args.grid, tmp_path / "res", tmp_path / "out", only=bad)
+
+
 def test_active_columns_counts_sasa_groups_times_their_rank() -> None:
     from sae_ext.saes.sasa import DEFAULT_GROUP_RANK
     from sae_ext.sweep import active_columns
