@@ -147,7 +147,7 @@ def markdown(grid_name: str, hook: str, rows: list[dict[str, Any]], pairs: list[
     n_earlier = sum(1 for r in rows if r.get("earlier"))
     if n_earlier:
         out += [f"{n_earlier} of the {len(rows)} runs were scored by an earlier call of this bench on the same probe "
-                "data (their SAEs are not saved here); the wall time is this call's.", ""]
+                "data (their SAEs are not saved here, or `--only` left their lines out); the wall time is this call's.", ""]
     out += [
         "## Every run", "",
         "| curve | knob | value | seed | L0 | R² | absorption frac. | full absorption | split | letters | "

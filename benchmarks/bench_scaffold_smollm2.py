@@ -253,7 +253,7 @@ def markdown(grid_name: str, hook: str, dense: list[dict[str, Any]], abl: list[d
         n_earlier = sum(1 for a in abl if a.get("earlier"))
         if n_earlier:
             out += ["", f"{n_earlier} of these rows come from the earlier report of this bench (same runs, same "
-                    "held-out tokens; their SAEs are not saved here)."]
+                    "held-out tokens; their SAEs are not saved here, or `--only` left their lines out)."]
         done = {(a["line"], a["k"], a.get("seed")) for a in abl}
         unsaved = [f"{curve_of(r)} k={r['value']} seed {r['seed']}" for r in records
                    if r["architecture"] in PLAIN and r["converged"] and (curve_of(r), r["value"], r["seed"]) not in done]
