@@ -288,6 +288,8 @@ def main() -> None:
     args = p.parse_args()
     if args.eval_tokens < 128:
         raise SystemExit(f"--eval-tokens must be >= 128 (one row), got {args.eval_tokens}")
+    if args.only is not None and args.no_ablations:
+        raise SystemExit(f"--only picks the runs to ablate, and --no-ablations ablates none: got --only {args.only}")
     grid, report, records = finished_report(args.grid, args.results)
     check_only(args.only, [grid])
     t0 = time.perf_counter()

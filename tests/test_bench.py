@@ -364,6 +364,14 @@ def test_sasa_group_use_of_every_saved_run_and_its_half_budget_twin(tmp_path: Pa
         bench.group_rows(found[2:], x)
 
 
+def test_scaffold_bench_rejects_only_without_ablations_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    bench = _bench("bench_scaffold_smollm2")
+    argv = ["bench", "--grid", str(tmp_path / "missing.toml"), "--no-ablations", "--only", "scaffold r8"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit, match=r"--only picks the runs to ablate.*--only \['scaffold r8'\]"):
+        bench.main()
+
+
 def test_scaffold_bench_keeps_earlier_ablations_of_runs_not_saved_here() -> None:
     bench = _bench("bench_scaffold_smollm2")
     records = [
